@@ -271,8 +271,13 @@ class GenerateRequest:
     k_max: KMax | None = None  # None: the edge's default
     policy: Name | None = None  # draft-length policy; None: the mode's default
     device_profile: Name | None = None
+    # Continue a session whose edge-drafter went away: its committed tokens and parameters
+    # come from Redis; the stream restarts at output index 0 (the client skips what it has).
+    resume_sid: Id | None = None
 
     def validate(self) -> None:
+        if self.resume_sid is not None and self.prompt is None and self.prompt_ids is None:
+            return
         if (self.prompt is None) == (self.prompt_ids is None):
             raise ValueError("give exactly one of prompt (text) and prompt_ids, "
                              + ("not both" if self.prompt is not None else "got neither"))

@@ -40,7 +40,7 @@ class DraftPolicy(ABC):
         """Called after drafting the token at `position` (0-based); False drops it and stops."""
         return True
 
-    def observe(self, feedback: RoundFeedback) -> None:  # noqa: B027 (optional hook)
+    def observe(self, feedback: RoundFeedback) -> None:
         """The verdict of the round just drafted."""
 
 

@@ -94,7 +94,10 @@ class VerifierCore:
         self.sessions: dict[str, _Session] = {}
 
     # -- sessions ---------------------------------------------------------------------------
-    def open_session(self, spec: SessionSpec) -> None:
+    def open_session(self, spec: SessionSpec, last_round: int = -1,
+                     last_outcome: VerifyOutcome | None = None) -> None:
+        """Register a session. A session rebuilt from the store passes its committed output in
+        `spec` and its last answered round, so a retry of that round gets the same answer."""
         if not spec.prompt_ids:
             raise WispError(ErrorCode.BAD_REQUEST, "prompt is empty")
         if len(spec.prompt_ids) > self.max_prompt_tokens:
@@ -114,7 +117,9 @@ class VerifierCore:
         generator = torch.Generator().manual_seed(seed)
         committed = list(spec.prompt_ids) + list(spec.committed_output)
         self.runner.free(spec.sid)  # a re-opened sid never reuses stale KV
-        self.sessions[spec.sid] = _Session(spec, committed, generator)
+        session = _Session(spec, committed, generator, last_round, last_outcome)
+        session.finished = self._finished(session)
+        self.sessions[spec.sid] = session
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)

@@ -1,0 +1,80 @@
+"""Emulated edge devices: draft speed and network link, applied at the transport so that a
+benchmark can model a device honestly and reproducibly on any host.
+
+The named profiles are illustrative assumptions for experiments, not measurements of real
+devices; pass explicit numbers (or your own measured profile) for claims about hardware.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceProfile:
+    name: str
+    draft_ms_per_token: float = 0.0  # 0: as fast as this host drafts; else emulate this speed
+    rtt_ms: float = 0.0  # round trip edge <-> server, split evenly up and down
+    jitter_ms: float = 0.0  # extra one-way delay drawn uniformly from [0, jitter_ms]
+    uplink_kbps: float = 0.0  # 0: unlimited
+    downlink_kbps: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("draft_ms_per_token", "rtt_ms", "jitter_ms", "uplink_kbps",
+                     "downlink_kbps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"device profile {self.name!r}: {name} must be >= 0")
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p for p in (
+        DeviceProfile("none"),
+        DeviceProfile("lan", rtt_ms=2.0, jitter_ms=0.5),
+        DeviceProfile("wifi", rtt_ms=20.0, jitter_ms=5.0, uplink_kbps=50_000,
+                      downlink_kbps=100_000),
+        DeviceProfile("4g", rtt_ms=60.0, jitter_ms=15.0, uplink_kbps=10_000,
+                      downlink_kbps=30_000),
+        DeviceProfile("slow-phone-4g", draft_ms_per_token=25.0, rtt_ms=60.0, jitter_ms=15.0,
+                      uplink_kbps=10_000, downlink_kbps=30_000),
+    )
+}
+
+
+def get_profile(name: str | None) -> DeviceProfile | None:
+    """None or '' means no emulation; an unknown name is an error listing the known ones."""
+    if not name or name == "none":
+        return None
+    if name not in PROFILES:
+        raise ValueError(f"unknown device profile {name!r}; known: {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+class LinkEmulator:
+    """Per-session delays for one profile; seeded so a run can be repeated exactly."""
+
+    def __init__(self, profile: DeviceProfile, seed: int):
+        self.profile = profile
+        self._rng = random.Random(seed)
+
+    def draft_delay_s(self, num_tokens: int, measured_s: float) -> float:
+        """Extra wait so drafting `num_tokens` takes as long as on the emulated device."""
+        if not self.profile.draft_ms_per_token:
+            return 0.0
+        return max(0.0, num_tokens * self.profile.draft_ms_per_token / 1e3 - measured_s)
+
+    def uplink_delay_s(self, num_bytes: int) -> float:
+        return self._one_way_s(num_bytes, self.profile.uplink_kbps)
+
+    def downlink_delay_s(self, num_bytes: int) -> float:
+        return self._one_way_s(num_bytes, self.profile.downlink_kbps)
+
+    def _one_way_s(self, num_bytes: int, kbps: float) -> float:
+        ms = self.profile.rtt_ms / 2 + self._rng.uniform(0.0, self.profile.jitter_ms)
+        if kbps:
+            ms += num_bytes * 8 / kbps  # kbit/s == bit/ms
+        return ms / 1e3
+
+
+def with_overrides(profile: DeviceProfile, **fields: float) -> DeviceProfile:
+    return replace(profile, **fields)

@@ -1,0 +1,163 @@
+"""Redis as the owner of session state (DESIGN.md §3, §5).
+
+`wisp:sess:{sid}` (hash) holds session metadata, `wisp:sess:{sid}:tokens` (list) the committed
+tokens (prompt + accepted output). Rounds are committed by one Lua script that appends only if
+the round's base length equals the stored committed length, so a retried or duplicated round can
+never be applied twice, and a round from a stale view is refused rather than silently applied.
+The last round's result is stored beside the tokens so that any verifier — including one that
+took over from a dead one — answers a retry of that round with the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+import redis.asyncio as aioredis
+
+from common.subjects import session_key, session_tokens_key
+
+SESSION_TTL_S = 3600  # refreshed every round; an abandoned session expires by itself
+
+
+class CommitStatus(IntEnum):
+    MISMATCH = 0  # base length disagrees with Redis and it is not a replay
+    APPLIED = 1
+    REPLAYED = 2  # this (sid, round) was already applied; the stored result stands
+    MISSING = 3  # no such session
+
+
+# KEYS[1] = session hash, KEYS[2] = token list
+# ARGV = round, base_len, finished (0/1), result blob, ttl_s, now_ms, token ids...
+_COMMIT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {3, 0} end
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_len'))
+local last_round = tonumber(redis.call('HGET', KEYS[1], 'last_round') or '-1')
+local round = tonumber(ARGV[1])
+if round == last_round then return {2, committed} end
+if committed ~= tonumber(ARGV[2]) then return {0, committed} end
+local n = #ARGV - 6
+if n > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 7, #ARGV)) end
+committed = committed + n
+redis.call('HSET', KEYS[1], 'committed_len', committed, 'last_round', round,
+           'last_result', ARGV[4], 'last_round_ms', ARGV[6])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'state', 'finished') end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {1, committed}
+"""
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    sid: str
+    mode: str
+    prompt_len: int
+    max_new_tokens: int
+    verifier_id: str = ""
+    committed_len: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    draft_top_m: int = 8
+    seed: int = -1  # -1: none given
+    k_max: int = 8
+    slo_ttft_ms: float = 0.0  # 0: no SLO
+    slo_tpot_ms: float = 0.0
+    device_id: str = ""
+    created_ms: float = 0.0
+    last_round_ms: float = 0.0
+    last_round: int = -1
+    state: str = "active"  # active | finished | closed
+    last_result: bytes = b""  # msgpack of the last VerifyResult, for idempotent retries
+    tokens: list[int] = field(default_factory=list)  # committed tokens (not a hash field)
+
+    _INT = ("prompt_len", "max_new_tokens", "committed_len", "top_k", "draft_top_m", "seed",
+            "k_max", "last_round")
+    _FLOAT = ("temperature", "top_p", "slo_ttft_ms", "slo_tpot_ms", "created_ms",
+              "last_round_ms")
+
+    def to_hash(self) -> dict[str, str | bytes]:
+        fields = asdict(self)
+        fields.pop("tokens")
+        fields.pop("sid")
+        return {k: v if isinstance(v, bytes) else str(v) for k, v in fields.items()}
+
+    @classmethod
+    def from_hash(cls, sid: str, raw: dict[bytes, bytes], tokens: list[bytes]) -> SessionRecord:
+        values: dict = {}
+        for key, value in raw.items():
+            name = key.decode()
+            if name == "last_result":
+                values[name] = value
+            elif name in cls._INT:
+                values[name] = int(value)
+            elif name in cls._FLOAT:
+                values[name] = float(value)
+            elif name in cls.__dataclass_fields__:
+                values[name] = value.decode()
+        return cls(sid=sid, tokens=[int(t) for t in tokens], **values)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.tokens[: self.prompt_len]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+def now_ms() -> float:
+    return time.time() * 1e3
+
+
+class SessionStore:
+    def __init__(self, client: aioredis.Redis, ttl_s: int = SESSION_TTL_S):
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._commit = client.register_script(_COMMIT_LUA)
+
+    async def create(self, record: SessionRecord) -> None:
+        """Write a new session; its `tokens` must be the prompt."""
+        record.created_ms = record.created_ms or now_ms()
+        record.committed_len = len(record.tokens)
+        hkey, tkey = session_key(record.sid), session_tokens_key(record.sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(hkey, tkey)
+            pipe.hset(hkey, mapping=record.to_hash())
+            if record.tokens:
+                pipe.rpush(tkey, *record.tokens)
+            pipe.expire(hkey, self.ttl_s)
+            pipe.expire(tkey, self.ttl_s)
+            await pipe.execute()
+
+    async def load(self, sid: str) -> SessionRecord | None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(session_key(sid))
+            pipe.lrange(session_tokens_key(sid), 0, -1)
+            raw, tokens = await pipe.execute()
+        if not raw:
+            return None
+        return SessionRecord.from_hash(sid, raw, tokens)
+
+    async def commit_round(self, sid: str, round_no: int, base_len: int, new_tokens: list[int],
+                           result: bytes, finished: bool) -> tuple[CommitStatus, int]:
+        """Append a round's tokens atomically. Returns (status, committed length in Redis)."""
+        status, committed = await self._commit(
+            keys=[session_key(sid), session_tokens_key(sid)],
+            args=[round_no, base_len, int(finished), result, self.ttl_s, int(now_ms()),
+                  *new_tokens])
+        return CommitStatus(int(status)), int(committed)
+
+    async def set_fields(self, sid: str, **fields: str | int | float) -> None:
+        await self.redis.hset(session_key(sid), mapping={k: str(v) for k, v in fields.items()})
+
+    async def close(self, sid: str) -> None:
+        """Mark closed and let the keys expire soon (clients may still read the output)."""
+        hkey, tkey = session_key(sid), session_tokens_key(sid)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(hkey, "state", "closed")
+            pipe.expire(hkey, 60)
+            pipe.expire(tkey, 60)
+            await pipe.execute()
