@@ -1,0 +1,1 @@
+"""metrics: aggregates wisp.events.* into Prometheus metrics, /summary and a dashboard."""
