@@ -1,0 +1,440 @@
+"""admission-scheduler over real NATS + Redis, with fake verifiers written here.
+
+A fake verifier heart-beats, records the batches it gets, answers each entry's reply inbox
+with a `VerifyResult` and then publishes `BatchDone` — at once, or when the test says so
+(`hold=True`), which lets a test see what the scheduler sends while a batch is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from common.errors import ErrorCode, WispError
+from common.protocol import (
+    BatchDone,
+    Event,
+    GenerateDone,
+    GenerateRequest,
+    Heartbeat,
+    Sampling,
+    SessionClose,
+    SessionClosed,
+    SessionOpen,
+    SessionOpened,
+    Slo,
+    TokenChunk,
+    VerifierBatch,
+    VerifyRequest,
+    VerifyResult,
+    decode,
+    decode_reply,
+    encode,
+    new_sid,
+)
+from common.service import run_service
+from common.subjects import (
+    DEADLINES_KEY,
+    SERVER_GENERATE,
+    SESSION_CLOSE,
+    SESSION_OPEN,
+    VERIFIER_HEARTBEAT,
+    VERIFY_SUBMIT,
+    deadline_member,
+    event,
+    session_key,
+    session_tokens_key,
+    verifier_batch,
+    verifier_done,
+)
+from services.admission_scheduler.service import SchedulerConfig, SchedulerService
+
+TIMEOUT_S = 5.0
+HEARTBEAT_S = 0.1
+
+
+async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class FakeVerifier:
+    def __init__(self, nc: NatsClient, vid: str, free_blocks: int = 100, hold: bool = False,
+                 finish_at: int | None = None):
+        self.nc, self.vid, self.free_blocks, self.hold = nc, vid, free_blocks, hold
+        self.finish_at = finish_at  # committed length at which a session is finished
+        self.batches: list[VerifierBatch] = []
+        self.answered: set[str] = set()  # batch ids
+        self.beating = True
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(verifier_batch(self.vid), cb=self._on_batch)
+        await self._beat()
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+    def die(self) -> None:
+        """Stop heart-beating and answering (batches still arrive and are recorded)."""
+        self.beating = False
+        self.hold = True
+
+    async def finish(self, batch: VerifierBatch) -> None:
+        for entry in batch.items:
+            req = entry.request
+            new = [*req.draft_ids, 7]
+            await self.nc.publish(entry.reply_to, encode(VerifyResult(
+                sid=req.sid, round=req.round, num_drafted=len(req.draft_ids),
+                num_accepted=len(req.draft_ids), new_tokens=new,
+                committed_len=req.base_len + len(new),
+                finished=self.finish_at is not None and req.base_len + len(new) >= self.finish_at,
+                queue_ms=0.0,
+                batch_ms=1.0, batch_size=len(batch.items))))
+        n = sum(len(e.request.draft_ids) + 1 for e in batch.items)
+        await self.nc.publish(verifier_done(self.vid), encode(BatchDone(
+            verifier_id=self.vid, batch_id=batch.batch_id, batch_ms=1.0,
+            size=len(batch.items), num_linear=n, num_interactions=n * 10, num_cached=n * 9)))
+        self.answered.add(batch.batch_id)
+
+    def sids(self, i: int) -> list[str]:
+        return [e.request.sid for e in self.batches[i].items]
+
+    async def _on_batch(self, msg: Msg) -> None:
+        batch = decode(VerifierBatch, msg.data)
+        self.batches.append(batch)
+        if not self.hold:
+            await self.finish(batch)
+
+    async def _beat(self) -> None:
+        await self.nc.publish(VERIFIER_HEARTBEAT, encode(Heartbeat(
+            verifier_id=self.vid, model="fake", hardware="cpu", free_blocks=self.free_blocks,
+            total_blocks=100, num_sessions=0, ts_ms=0.0)))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.beating:
+                await self._beat()
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(nats_url: str, redis_url: str,
+                            **overrides) -> AsyncIterator[SchedulerService]:
+    config = SchedulerConfig(nats_url=nats_url, redis_url=redis_url,
+                             **{"target_model": "", "drain_timeout_s": 3.0, **overrides})
+    service = SchedulerService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(service, config, stop))
+    try:
+        await until(lambda: service.ready() or task.done())
+        if task.done():
+            task.result()
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def fake_verifiers(nc: NatsClient, service: SchedulerService,
+                         *specs: tuple[str, int, bool]) -> AsyncIterator[list[FakeVerifier]]:
+    fakes = [FakeVerifier(nc, vid, free, hold) for vid, free, hold in specs]
+    try:
+        for fake in fakes:
+            await fake.start()
+        await until(lambda: set(service.registry.live_ids()) >= {f.vid for f in fakes})
+        yield fakes
+    finally:
+        for fake in fakes:
+            await fake.close()
+
+
+def session_open(sid: str | None = None, n_prompt: int = 5, **kw) -> SessionOpen:
+    return SessionOpen(sid=sid or new_sid(), mode="sled", prompt_ids=list(range(1, n_prompt + 1)),
+                       max_new_tokens=16, device_id="dev-1", k_max=4, **kw)
+
+
+async def open_session(nc: NatsClient, **kw) -> SessionOpened:
+    reply = await nc.request(SESSION_OPEN, encode(session_open(**kw)), timeout=TIMEOUT_S)
+    return decode_reply(SessionOpened, reply.data)
+
+
+def verify_request(sid: str, round: int = 0, base_len: int = 5) -> VerifyRequest:
+    return VerifyRequest(sid=sid, round=round, base_len=base_len, draft_ids=[11, 12, 13],
+                         budget_ms=500.0, draft_ms=3.0, device_id="dev-1")
+
+
+def submit(nc: NatsClient, req: VerifyRequest) -> asyncio.Task:
+    async def go() -> VerifyResult:
+        reply = await nc.request(VERIFY_SUBMIT, encode(req), timeout=TIMEOUT_S)
+        return decode_reply(VerifyResult, reply.data)
+
+    return asyncio.create_task(go())
+
+
+async def request_error(nc: NatsClient, subject: str, payload: bytes) -> WispError:
+    reply = await nc.request(subject, payload, timeout=TIMEOUT_S)
+    with pytest.raises(WispError) as info:
+        decode_reply(SessionOpened, reply.data)
+    return info.value
+
+
+# -- tests ------------------------------------------------------------------------------------
+async def test_open_routes_to_least_loaded_live_verifier_and_writes_redis(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("va", 10, False), ("vb", 50, False))):
+        first = await open_session(nc, seed=42, slo=Slo(ttft_ms=300.0, tpot_ms=40.0),
+                                   sampling=Sampling(temperature=0.7, top_p=0.9, top_k=20))
+        second = await open_session(nc)
+        third = await open_session(nc)
+        # Ties on session count go to the verifier with more free KV blocks.
+        assert [first.verifier_id, second.verifier_id, third.verifier_id] == ["vb", "va", "vb"]
+        assert first.committed_len == 5
+
+        raw = await redis_client.hgetall(session_key(first.sid))
+        fields = {k.decode(): v.decode() for k, v in raw.items() if k != b"last_result"}
+        assert fields | {"created_ms": "x", "last_round_ms": "x"} == {
+            "mode": "sled", "prompt_len": "5", "max_new_tokens": "16", "verifier_id": "vb",
+            "committed_len": "5", "temperature": "0.7", "top_p": "0.9", "top_k": "20",
+            "draft_top_m": "8", "seed": "42", "k_max": "4", "slo_ttft_ms": "300.0",
+            "slo_tpot_ms": "40.0", "device_id": "dev-1", "created_ms": "x",
+            "last_round_ms": "x", "last_round": "-1", "state": "active"}
+        assert await redis_client.lrange(session_tokens_key(first.sid), 0, -1) == \
+            [b"1", b"2", b"3", b"4", b"5"]
+        raw = await redis_client.hgetall(session_key(second.sid))
+        assert (raw[b"seed"], raw[b"slo_tpot_ms"]) == (b"-1", b"0.0")
+        assert service.registry.num_sessions("vb") == 2
+
+        (route,) = service.routes()  # GET /verifiers
+        snapshot = json.loads((await route.handler(None)).text)
+        assert [(v["id"], v["alive"], v["sessions"], v["free_blocks"], v["queue_depth"],
+                 v["in_flight"]) for v in snapshot["verifiers"]] == [
+            ("va", True, 1, 10, 0, None), ("vb", True, 2, 50, 0, None)]
+        assert snapshot["counters"]["sessions_opened"] == 3
+
+
+async def test_submits_are_batched_fcfs_with_one_batch_in_flight(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    async with (running_scheduler(nats_url, redis_url, max_batch_size=2) as service,
+                fake_verifiers(nc, service, ("v1", 10, True)) as (fake,)):
+        sids = [(await open_session(nc)).sid for _ in range(4)]
+        first = submit(nc, verify_request(sids[0]))
+        await until(lambda: len(fake.batches) == 1)
+        assert fake.sids(0) == sids[:1]
+        queue = service.registry.verifiers["v1"].queue
+        later = []
+        for n, sid in enumerate(sids[1:], 1):  # arrive in this order while batch 0 runs
+            later.append(submit(nc, verify_request(sid)))
+            await until(lambda n=n: len(service.registry.verifiers["v1"].queue) == n)
+        assert [e.sid for e in queue] == sids[1:]
+        await asyncio.sleep(0.3)
+        assert len(fake.batches) == 1  # nothing more until done
+        members = {m.decode() for m in await redis_client.zrange(DEADLINES_KEY, 0, -1)}
+        assert members == {deadline_member(sid, 0) for sid in sids}
+
+        await fake.finish(fake.batches[0])
+        await until(lambda: len(fake.batches) == 2)
+        assert fake.sids(1) == sids[1:3]  # FCFS, capped at max_batch_size
+        result = await first
+        assert (result.sid, result.new_tokens) == (sids[0], [11, 12, 13, 7])
+        await asyncio.sleep(0.2)
+        assert len(fake.batches) == 2
+        await fake.finish(fake.batches[1])
+        await until(lambda: len(fake.batches) == 3)
+        assert fake.sids(2) == sids[3:]
+        await fake.finish(fake.batches[2])
+        results = await asyncio.gather(*later)
+        assert [r.sid for r in results] == sids[1:]
+        await until(lambda: service.counters["batches_done"] == 3)
+        assert await redis_client.zcard(DEADLINES_KEY) == 0
+        assert service.registry.verifiers["v1"].state().recent_done[-1].batch_id == \
+            fake.batches[2].batch_id
+
+
+async def test_dead_verifier_work_is_resent_to_the_other_one(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    async with (running_scheduler(nats_url, redis_url, heartbeat_timeout_s=0.5) as service,
+                fake_verifiers(nc, service, ("va", 90, True), ("vb", 10, False)) as (a, b)):
+        s1, s2, s3 = [await open_session(nc) for _ in range(3)]
+        assert [s.verifier_id for s in (s1, s2, s3)] == ["va", "vb", "va"]
+        in_flight = submit(nc, verify_request(s1.sid))
+        await until(lambda: len(a.batches) == 1)
+        queued = submit(nc, verify_request(s3.sid))
+        await until(lambda: len(service.registry.verifiers["va"].queue) == 1)
+
+        a.die()
+        r1, r3 = await asyncio.gather(in_flight, queued)  # answered by vb
+        assert (r1.sid, r3.sid) == (s1.sid, s3.sid)
+        assert not service.registry.is_alive("va")
+        assert sorted(sid for batch in b.batches for sid in
+                      (e.request.sid for e in batch.items)) == sorted([s1.sid, s3.sid])
+        for sid in (s1.sid, s3.sid):
+            assert await redis_client.hget(session_key(sid), "verifier_id") == b"vb"
+            assert service.registry.verifier_of(sid) == "vb"
+        assert len(a.batches) == 1  # nothing more was sent to the dead one
+        assert service.counters["verifiers_dead"] == 1
+
+        # A new session now goes to the only live verifier.
+        assert (await open_session(nc)).verifier_id == "vb"
+
+
+async def test_unknown_session_and_closed_session(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v1", 10, False))):
+        with pytest.raises(WispError) as info:
+            await submit(nc, verify_request(new_sid()))
+        assert info.value.code == ErrorCode.UNKNOWN_SESSION
+
+        opened = await open_session(nc)
+        assert (await submit(nc, verify_request(opened.sid))).sid == opened.sid
+        reply = await nc.request(SESSION_CLOSE, encode(SessionClose(sid=opened.sid)),
+                                 timeout=TIMEOUT_S)
+        assert decode_reply(SessionClosed, reply.data).sid == opened.sid
+        assert await redis_client.hget(session_key(opened.sid), "state") == b"closed"
+        assert service.registry.verifier_of(opened.sid) is None
+        with pytest.raises(WispError) as info:
+            await submit(nc, verify_request(opened.sid, round=1, base_len=9))
+        assert info.value.code == ErrorCode.UNKNOWN_SESSION
+        assert "closed" in info.value.message
+
+
+async def test_bad_input_is_answered_and_others_still_work(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    errors: list[Event] = []
+
+    async def on_error(msg: Msg) -> None:
+        errors.append(decode(Event, msg.data))
+
+    await nc.subscribe(event("error"), cb=on_error)
+    async with (running_scheduler(nats_url, redis_url, max_prompt_tokens=8) as service,
+                fake_verifiers(nc, service, ("v1", 10, False))):
+        for subject in (VERIFY_SUBMIT, SESSION_OPEN, SERVER_GENERATE):
+            err = await request_error(nc, subject, b"\xc1\x00garbage")
+            assert err.code == ErrorCode.BAD_REQUEST, subject
+        err = await request_error(nc, VERIFY_SUBMIT, encode(verify_request("s1")) + b"x")
+        assert err.code == ErrorCode.BAD_REQUEST and "extra bytes" in err.message
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(n_prompt=9)))
+        assert err.code == ErrorCode.PROMPT_TOO_LONG
+
+        err = await request_error(nc, SERVER_GENERATE, encode(GenerateRequest(
+            max_new_tokens=4, mode="sled", prompt_ids=[1, 2])))
+        assert err.code == ErrorCode.BAD_REQUEST
+        assert "served by the edge-drafter on wisp.edge.generate" in err.message
+        err = await request_error(nc, SERVER_GENERATE, encode(GenerateRequest(
+            max_new_tokens=4, mode="colocated", prompt_ids=[1, 2])))
+        assert err.code == ErrorCode.BAD_REQUEST and "--draft-model" in err.message
+
+        opened = await open_session(nc)
+        assert (await submit(nc, verify_request(opened.sid))).round == 0
+        assert service.counters["error.bad_request"] == 6
+        assert service.counters["error.prompt_too_long"] == 1
+        await until(lambda: len(errors) == 7)
+        assert {(e.fields["service"], e.fields["code"]) for e in errors} == {
+            ("admission-scheduler", "bad_request"), ("admission-scheduler", "prompt_too_long")}
+
+
+async def test_no_verifier_means_capacity_error_on_open(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with running_scheduler(nats_url, redis_url):
+        err = await request_error(nc, SESSION_OPEN, encode(session_open()))
+        assert err.code == ErrorCode.CAPACITY
+        assert "no verifier is available" in err.message
+
+
+async def test_queued_round_waits_for_a_verifier_then_expires(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url, heartbeat_timeout_s=0.3,
+                                  batch_timeout_s=1.0) as service,
+                fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
+        opened = await open_session(nc)
+        fake.die()
+        await until(lambda: not service.registry.is_alive("v1"))
+        pending = submit(nc, verify_request(opened.sid))
+        await until(lambda: len(service.registry.orphans) == 1)
+        with pytest.raises(WispError) as info:
+            await pending
+        assert info.value.code == ErrorCode.CAPACITY
+        assert service.registry.orphans == []
+
+
+async def test_stop_waits_for_the_batch_in_flight(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    config = SchedulerConfig(nats_url=nats_url, redis_url=redis_url, target_model="",
+                             drain_timeout_s=5.0)
+    service = SchedulerService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_service(service, config, stop))
+    await until(service.ready)
+    async with fake_verifiers(nc, service, ("v1", 10, True)) as (fake,):
+        opened = await open_session(nc)
+        pending = submit(nc, verify_request(opened.sid))
+        await until(lambda: len(fake.batches) == 1)
+        stop.set()
+        await until(lambda: not service.ready())
+        await asyncio.sleep(0.3)
+        assert not task.done()  # draining: the batch is still running
+        await fake.finish(fake.batches[0])
+        await asyncio.wait_for(task, TIMEOUT_S)
+        assert (await pending).sid == opened.sid
+
+
+def save_tiny_target(folder: Path) -> None:
+    """A target folder with only what the scheduler reads: a tokenizer and a config."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(20)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0",
+                            eos_token="w1").save_pretrained(folder)
+    LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2, eos_token_id=1).save_pretrained(folder)
+
+
+async def test_centralized_generation_runs_rounds_through_the_scheduler(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis,
+        tmp_path: Path) -> None:
+    save_tiny_target(tmp_path)
+    async with (running_scheduler(nats_url, redis_url, target_model=str(tmp_path)) as service,
+                fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
+        fake.finish_at = 6  # 3 prompt tokens + max_new_tokens
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(SERVER_GENERATE, encode(GenerateRequest(
+            max_new_tokens=3, mode="centralized", prompt="w3 w4 w5")), reply=inbox)
+        chunks: list[TokenChunk] = []
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:
+                msg = await sub.next_msg(timeout=TIMEOUT_S)
+                reply = decode_reply((TokenChunk, GenerateDone), msg.data)
+                if isinstance(reply, GenerateDone):
+                    break
+                chunks.append(reply)
+        assert reply.finish_reason == "length" and reply.num_tokens == 3
+        assert [t for c in chunks for t in c.token_ids] == [7, 7, 7]
+        assert "".join(c.text for c in chunks).split() == ["w7", "w7", "w7"]
+        # Target-only rounds: every request carried an empty draft.
+        assert [len(e.request.draft_ids) for b in fake.batches for e in b.items] == [0, 0, 0]
+        sid = fake.batches[0].items[0].request.sid
+        await until(lambda: service.registry.verifier_of(sid) is None)  # closed at the end
+        assert await redis_client.hget(session_key(sid), "state") == b"closed"
+        assert await redis_client.hget(session_key(sid), "device_id") == b"server"
