@@ -220,6 +220,8 @@ class Generation:
         self.sid: str | None = None
         self.done: GenerateDone | None = None
         self.num_resumes = 0
+        self._resume_deadline: float | None = None  # while resumes find no responder
+        self._backoff_s = 0.0
 
     @property
     def text(self) -> str:
@@ -306,6 +308,7 @@ class Generation:
             await self._on_no_responders()
             return None
         self._got_message = True
+        self._resume_deadline, self._backoff_s = None, 0.0
         return msg
 
     async def _on_silence(self, waited_s: float) -> None:
@@ -320,11 +323,17 @@ class Generation:
         if self.sid is None:
             raise ServiceUnavailable(f"no service is subscribed to {self._subject} "
                                      f"(is the {_service_for(self._subject)} running?)")
-        # A resume found nobody: the edge-drafters may be restarting; back off and retry.
-        self._resume_or_raise(ServiceUnavailable(
-            f"session {self.sid}: no service on {self._subject} to resume with"),
-            reason="no_responders")
-        await asyncio.sleep(min(0.5 * self.num_resumes, self._stall_timeout_s))
+        # A resume found nobody: the edge-drafters may be restarting (loading a model takes
+        # seconds), so keep asking with backoff until timeout_s has passed since the stall.
+        loop = asyncio.get_running_loop()
+        if self._resume_deadline is None:
+            self._resume_deadline = loop.time() + self._timeout_s
+        if loop.time() > self._resume_deadline:
+            raise ServiceUnavailable(f"session {self.sid}: no service on {self._subject} to "
+                                     f"resume with for {self._timeout_s:g} s")
+        self._backoff_s = min(2.0, max(0.25, self._backoff_s * 2))
+        log.info("generation_resume_waiting", sid=self.sid, retry_in_s=self._backoff_s)
+        await asyncio.sleep(self._backoff_s)
         await self._send(self._resume_payload())
 
     def _resume_or_raise(self, error: WispClientError, **why: Any) -> None:

@@ -1,6 +1,8 @@
 """The `wisp` command.
 
-    wisp generate --local "PROMPT"   draft + verify in this process, print text and round stats
+    wisp up [--demo PROMPT]           run the whole stack here (embedded NATS + Redis by default)
+    wisp generate "PROMPT"            generate through a running stack (the SDK over NATS)
+    wisp generate --local "PROMPT"    draft + verify in this process, no services
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text")
     _add_generation_flags(gen)
+    gen.add_argument("--mode", default="sled",
+                     choices=["sled", "centralized", "colocated"],
+                     help="serving mode through the stack (default sled)")
+    gen.add_argument("--nats-url", default=None,
+                     help="NATS of a running stack (default: the one `wisp up` started)")
+    gen.add_argument("--state-dir", default=".wisp", help="where `wisp up` keeps its state")
+    gen.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for tokens")
     gen.add_argument("--local", action="store_true",
                      help="run draft and target in this process (no services needed)")
     gen.add_argument("--policy", default=None,
@@ -44,14 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by device)")
     gen.add_argument("--allow-download", action="store_true",
                      help="allow fetching models from a hub (off by default)")
+    up = sub.add_parser("up", help="run NATS, Redis and every service on this machine")
+    up.add_argument("--nats-url", default=None, help="use this NATS instead of starting one")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    up.add_argument("--verifiers", type=int, default=1, help="gpu-verifier replicas")
+    up.add_argument("--edges", type=int, default=1, help="edge-drafter processes")
+    up.add_argument("--draft", default=None, help="draft model (default: shipped tiny draft)")
+    up.add_argument("--target", default=None, help="target model (default: shipped tiny target)")
+    up.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    up.add_argument("--metrics-port", type=int, default=0, help="default 9100, else a free one")
+    up.add_argument("--state-dir", default=".wisp", help="logs and stack.json go here")
+    up.add_argument("--demo", default=None, metavar="PROMPT",
+                    help="once ready, generate PROMPT in modes sled, centralized and colocated")
+    up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
+    up.add_argument("--exit-after-demo", action="store_true",
+                    help="stop the stack after the demo instead of serving until Ctrl-C")
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.local:
-        print("wisp: only --local generation is available in this build: the networked "
-              "services (wisp up) are not part of it yet", file=sys.stderr)
-        return 2
+        return cmd_generate_remote(args)
     from common.sampling import SamplingParams
     from services.edge_drafter.policies import policy_factory
     from services.inprocess import GenerationRequest, build_local_stack
@@ -78,6 +100,106 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack_nats_url(args) -> str:
+    from services.launcher import find_stack
+
+    if args.nats_url:
+        return args.nats_url
+    stack = find_stack(args.state_dir)
+    if stack is None:
+        raise RuntimeError(f"no running stack found in {args.state_dir}/stack.json: start one "
+                           "with `wisp up`, pass --nats-url, or use --local")
+    return stack["nats_url"]
+
+
+def cmd_generate_remote(args: argparse.Namespace) -> int:
+    import asyncio
+
+    out = asyncio.run(_remote_generate(
+        _stack_nats_url(args), args.prompt, args.mode, args.max_new_tokens, args.timeout,
+        stream=not args.json, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, k_max=args.k_max))
+    if args.json:
+        print(json.dumps({"text": out["text"], "token_ids": out["token_ids"],
+                          "stats": out["stats"]}))
+    return 0
+
+
+async def _remote_generate(nats_url: str, prompt: str, mode: str, max_new_tokens: int,
+                           timeout: float, stream: bool, **params) -> dict:
+    from common.client import Client
+
+    ids: list[int] = []
+    text = []
+    async with Client(nats_url, timeout_s=timeout) as client:
+        gen = client.generate(prompt, max_new_tokens=max_new_tokens, mode=mode, **params)
+        if stream:
+            print(prompt, end="", flush=True)
+        async for tok in gen:
+            ids.extend(tok.token_ids)
+            text.append(tok.text)
+            if stream:
+                print(tok.text, end="", flush=True)
+        done = gen.done
+    t, s = done.timings, done.stats
+    stats = {"mode": mode, "sid": done.sid, "num_tokens": done.num_tokens,
+             "finish_reason": done.finish_reason, "rounds": s.rounds, "drafted": s.drafted,
+             "accepted": s.accepted,
+             "acceptance_rate": round(s.accepted / s.drafted, 4) if s.drafted else None,
+             "ttft_ms": round(t.ttft_ms, 2), "tpot_ms": round(t.tpot_ms, 2),
+             "e2e_ms": round(t.e2e_ms, 2)}
+    if stream:
+        print("\n--- " + ", ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
+    return {"text": "".join(text), "token_ids": ids, "stats": stats}
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET
+    from services.launcher import start_stack, stop_stack
+
+    args.draft = args.draft or DEFAULT_DRAFT
+    args.target = args.target or DEFAULT_TARGET
+    stack = start_stack(args)
+    metrics = next(s for s in stack.services if s.name == "metrics")
+    print(f"""
+wisp is up.
+  NATS        {stack.nats_url}
+  Redis       {stack.redis_url}
+  dashboard   {metrics.url}/
+  metrics     {metrics.url}/metrics   summary {metrics.url}/summary
+  logs        {stack.state_dir}/logs/
+Try:  wisp generate "def fibonacci(n):" --mode sled   (or centralized, colocated)
+""", file=sys.stderr, flush=True)
+    try:
+        if args.demo:
+            outputs = {}
+            for mode in ("sled", "centralized", "colocated"):
+                print(f"\n=== mode {mode}", file=sys.stderr, flush=True)
+                outputs[mode] = asyncio.run(_remote_generate(
+                    stack.nats_url, args.demo, mode, args.max_new_tokens, 120.0, stream=True))
+            same = len({tuple(o["token_ids"]) for o in outputs.values()}) == 1
+            print(f"\nall three modes produced {'the same' if same else 'DIFFERENT'} tokens "
+                  "(greedy: each must equal the target's own greedy output)", file=sys.stderr)
+            if not same:
+                return 1
+        if not args.exit_after_demo:
+            print("serving; Ctrl-C to stop", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_stack(stack)
+    return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops `wisp up` the same way Ctrl-C does
+
+
 def _histogram(result) -> dict[int, int]:
     hist: dict[int, int] = {}
     for r in result.rounds:
@@ -91,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "up":
+            return cmd_up(args)
     except (WispError, ValueError, RuntimeError) as exc:
         print(f"wisp: error: {exc}", file=sys.stderr)
         return 1

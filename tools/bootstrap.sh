@@ -42,7 +42,9 @@ case "$mode" in
   setup) ;;
   run)
     if [ $# -eq 0 ]; then
-      set -- generate --local "def fibonacci(n):" --max-new-tokens 64
+      # The whole stack (embedded NATS + Redis, every service as its own process), one
+      # generation per serving mode through the SDK, then a clean shutdown.
+      set -- up --demo "def fibonacci(n):" --exit-after-demo
     fi
     exec "$venv/bin/wisp" "$@";;
   test)

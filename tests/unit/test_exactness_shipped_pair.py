@@ -53,7 +53,9 @@ def test_mixed_batches_with_cold_prefills_equal_target_greedy(pair, cases, k_max
     # A new session joins every step: each verify batch mixes one cold prefill with warm
     # verifies of other cached lengths and draft lengths.
     results = eng.generate_many(requests(prompts, k_max, stagger=1))
-    assert max(r.batch_size for res in results for r in res.rounds) > 4
+    # Most sessions' first round (a cold prefill) shared its forward pass with warm verifies.
+    mixed_cold = sum(res.rounds[0].batch_size > 1 for res in results[1:])
+    assert mixed_cold >= len(results) // 2, mixed_cold
     for prompt_no, (res, ref) in enumerate(zip(results, refs, strict=True)):
         assert res.token_ids == ref, f"prompt {prompt_no} diverged"
     assert sum(res.num_accepted for res in results) > 0  # the draft did real work

@@ -1,0 +1,199 @@
+"""`wisp up`: the whole stack on one machine, no Docker.
+
+Starts a real nats-server (JetStream) and a real redis-server on free ports unless URLs of
+running ones are given, then each service as its own process (logs in <state-dir>/logs),
+waits until every one answers /readyz, writes <state-dir>/stack.json so `wisp generate` can
+find the stack, optionally runs a demo generation per mode, and on Ctrl-C/SIGTERM stops the
+services (SIGTERM: they drain) and then the servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.embedded import EmbeddedInfra, find_free_port
+
+READY_TIMEOUT_S = 180.0  # loading models on a slow CPU takes a while
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    module: str
+    args: list[str]
+    http_port: int
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    nats_url: str
+    redis_url: str
+    infra: EmbeddedInfra | None = None
+    services: list[ServiceProcess] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+
+    @property
+    def stack_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    def service(self, name: str) -> ServiceProcess:
+        return next(s for s in self.services if s.name == name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one service abruptly (failure tests) or gracefully (SIGTERM)."""
+        svc = self.service(name)
+        svc.proc.send_signal(sig)
+        svc.proc.wait(30)
+
+    def restart(self, name: str, wait: bool = True) -> None:
+        svc = self.service(name)
+        if svc.proc and svc.proc.poll() is None:
+            self.kill(name, signal.SIGTERM)
+        _spawn(svc, self.env)
+        if wait:
+            wait_ready(self, only=[svc])
+
+    def describe(self) -> dict:
+        return {"nats_url": self.nats_url, "redis_url": self.redis_url, "pid": os.getpid(),
+                "services": {s.name: {"pid": s.proc.pid if s.proc else None, "http": s.url}
+                             for s in self.services}}
+
+
+def plan_services(args) -> list[ServiceProcess]:
+    common = ["--log-level", args.log_level]
+    models = []
+    if args.device:
+        models += ["--device", args.device]
+    services = [ServiceProcess("metrics", "services.metrics", common,
+                               args.metrics_port or _port_or_free(9100))]
+    for i in range(args.verifiers):
+        services.append(ServiceProcess(
+            f"gpu-verifier-{i}", "services.gpu_verifier",
+            [*common, *models, "--verifier-id", f"v{i}", "--target-model", args.target],
+            find_free_port()))
+    services.append(ServiceProcess(
+        "admission-scheduler", "services.admission_scheduler",
+        [*common, "--target-model", args.target, "--draft-model", args.draft],
+        find_free_port()))
+    for i in range(args.edges):
+        services.append(ServiceProcess(
+            f"edge-drafter-{i}", "services.edge_drafter",
+            [*common, *models, "--draft-model", args.draft, "--device-id", f"edge{i}"],
+            find_free_port()))
+    return services
+
+
+def _port_or_free(preferred: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return find_free_port()
+
+
+def start_stack(args) -> Stack:
+    state_dir = Path(args.state_dir).resolve()
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    infra = None
+    nats_url, redis_url = args.nats_url, args.redis_url
+    if not nats_url or not redis_url:
+        infra = EmbeddedInfra(state_dir / "servers")
+        infra.start()
+        nats_url = nats_url or infra.nats_url
+        redis_url = redis_url or infra.redis_url
+        _say(f"embedded nats-server at {infra.nats_url}, redis-server at {infra.redis_url}")
+    env = dict(os.environ, WISP_NATS_URL=nats_url, WISP_REDIS_URL=redis_url,
+               **getattr(args, "extra_env", {}))
+    stack = Stack(state_dir, nats_url, redis_url, infra, env=env)
+    try:
+        for svc in plan_services(args):
+            svc.log_path = state_dir / "logs" / f"{svc.name}.log"
+            _spawn(svc, env)
+            stack.services.append(svc)
+        wait_ready(stack)
+    except BaseException:
+        stop_stack(stack)
+        raise
+    stack.stack_file.write_text(json.dumps(stack.describe(), indent=2))
+    return stack
+
+
+def _spawn(svc: ServiceProcess, env: dict) -> None:
+    with open(svc.log_path, "ab") as log_file:  # the child keeps its own descriptor
+        svc.proc = subprocess.Popen(
+            [sys.executable, "-m", svc.module, *svc.args, "--http-port", str(svc.http_port)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    _say(f"started {svc.name} (pid {svc.proc.pid}, log {svc.log_path})")
+
+
+def wait_ready(stack: Stack, timeout_s: float = READY_TIMEOUT_S,
+               only: list[ServiceProcess] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(only or stack.services)
+    while pending:
+        for svc in list(pending):
+            if svc.proc.poll() is not None:
+                tail = svc.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode}; "
+                                   f"last log lines:\n{tail}")
+            if _http_ok(svc.url + "/readyz"):
+                _say(f"{svc.name} ready at {svc.url}")
+                pending.remove(svc)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise RuntimeError(f"not ready after {timeout_s:.0f}s: {names} (see their logs)")
+        time.sleep(0.25)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
+    # Clients first (edges), then the scheduler, verifiers, metrics: each drains in turn.
+    for svc in reversed(stack.services):
+        if svc.proc and svc.proc.poll() is None:
+            svc.proc.send_signal(signal.SIGTERM)
+            try:
+                svc.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                _say(f"{svc.name} did not stop in {timeout_s:.0f}s; killing it")
+                svc.proc.kill()
+                svc.proc.wait()
+    if stack.infra is not None:
+        stack.infra.stop()
+    stack.stack_file.unlink(missing_ok=True)
+    _say("stack stopped")
+
+
+def find_stack(state_dir: str) -> dict | None:
+    path = Path(state_dir) / "stack.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _say(text: str) -> None:
+    print(f"[wisp up] {text}", file=sys.stderr, flush=True)

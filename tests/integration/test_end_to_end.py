@@ -1,0 +1,170 @@
+"""The whole stack as separate processes (the launcher behind `wisp up`) on real NATS and
+Redis: exactness across modes and verifier replicas, failover, restarts, and bad input.
+
+Every generation is greedy, so every output must equal the target's own greedy output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import pytest
+
+from common import protocol as wire
+from common.client import Client, ServerError
+from common.errors import ErrorCode
+from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET
+from common.models.reference import hf_greedy
+from common.store import SessionStore
+from common.subjects import GENERATE_EDGE, SESSION_OPEN, VERIFY_SUBMIT
+from services.launcher import start_stack, stop_stack
+from tests.shipped import held_out_prompts, shipped_pair
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def stack(nats_url, redis_url, tmp_path_factory):
+    args = argparse.Namespace(
+        nats_url=nats_url, redis_url=redis_url, verifiers=2, edges=1, draft=DEFAULT_DRAFT,
+        target=DEFAULT_TARGET, device="cpu", metrics_port=0, log_level="info",
+        state_dir=str(tmp_path_factory.mktemp("wisp-state")),
+        # Short timeouts so failure tests recover in seconds, not the production defaults.
+        extra_env={"WISP_VERIFY_TIMEOUT_S": "2", "WISP_HEARTBEAT_TIMEOUT_S": "1.5",
+                   "WISP_HEARTBEAT_S": "0.3", "OMP_NUM_THREADS": "1"})
+    s = start_stack(args)
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    _, target = shipped_pair()
+    prompts = held_out_prompts(target.tokenizer, per_domain=4, max_tokens=96)
+    refs = [hf_greedy(target.model, p, MAX_NEW, target.eos_token_id) for p in prompts]
+    return prompts, refs
+
+
+async def generate_ids(client: Client, prompt_ids, mode: str, **kw) -> tuple[list[int], object]:
+    gen = client.generate(None, prompt_ids=prompt_ids, max_new_tokens=MAX_NEW, mode=mode, **kw)
+    ids: list[int] = []
+    async for tok in gen:
+        ids.extend(tok.token_ids)
+    return ids, gen.done
+
+
+@pytest.mark.parametrize("mode", ["sled", "centralized", "colocated"])
+async def test_eight_concurrent_sessions_across_two_verifiers_are_exact(stack, cases, mode,
+                                                                        redis_client):
+    prompts, refs = cases
+    async with Client(stack.nats_url, timeout_s=120) as client:
+        results = await asyncio.gather(*(generate_ids(client, p, mode) for p in prompts))
+    for i, ((ids, done), ref) in enumerate(zip(results, refs, strict=True)):
+        assert ids == ref, f"{mode}: prompt {i} differs from the target's greedy output"
+        assert done.num_tokens == len(ref)
+    if mode != "centralized":
+        assert sum(done.stats.accepted for _, done in results) > 0
+    # Sessions spread over both replicas (routing by load).
+    store = SessionStore(redis_client)
+    verifiers = {(await store.load(done.sid)).verifier_id for _, done in results}
+    assert verifiers == {"v0", "v1"}
+
+
+async def _first_tokens_then(client, prompts, action, mode="sled", **kw):
+    """Start all generations, run `action` once tokens flow, and collect every output.
+
+    Asserts that the action struck while generations were still running."""
+    started = asyncio.Event()
+    outputs: list[list[int]] = [[] for _ in prompts]
+
+    async def one(i, p):
+        gen = client.generate(None, prompt_ids=p, max_new_tokens=MAX_NEW, mode=mode, **kw)
+        async for tok in gen:
+            outputs[i].extend(tok.token_ids)
+            started.set()
+        return outputs[i]
+
+    tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(prompts)]
+    await asyncio.wait_for(started.wait(), 60)
+    # Still producing tokens (not merely waiting for its final message).
+    unfinished = sum(not t.done() and len(out) < MAX_NEW for t, out in zip(tasks, outputs,
+                                                                          strict=True))
+    await asyncio.to_thread(action)
+    assert unfinished > 0, "every generation finished before the failure: nothing was tested"
+    return await asyncio.gather(*tasks)
+
+
+async def test_killing_a_verifier_mid_generation_keeps_output_exact(stack, cases):
+    prompts, refs = cases
+    async with Client(stack.nats_url, timeout_s=120) as client:
+        outputs = await _first_tokens_then(
+            client, prompts, lambda: stack.kill("gpu-verifier-0", signal.SIGKILL))
+    assert outputs == refs
+    stack.restart("gpu-verifier-0")
+
+
+async def test_restarting_the_edge_drafter_loses_no_committed_token(stack, cases):
+    prompts, refs = cases
+
+    def crash_and_restart():
+        stack.kill("edge-drafter-0", signal.SIGKILL)
+        stack.restart("edge-drafter-0")
+
+    async with Client(stack.nats_url, timeout_s=120, stall_timeout_s=3.0) as client:
+        outputs = await _first_tokens_then(client, prompts[:4], crash_and_restart)
+    assert outputs == refs[:4]
+
+
+async def test_restarting_the_scheduler_loses_no_committed_token(stack, cases):
+    prompts, refs = cases
+    async with Client(stack.nats_url, timeout_s=120) as client:
+        outputs = await _first_tokens_then(
+            client, prompts[:4], lambda: stack.restart("admission-scheduler"))
+    assert outputs == refs[:4]
+
+
+async def test_bad_input_gets_clear_errors_while_others_continue(stack, cases, nc):
+    prompts, refs = cases
+    async with Client(stack.nats_url, timeout_s=120) as client:
+        healthy = asyncio.create_task(generate_ids(client, prompts[0], "sled"))
+
+        for subject in (GENERATE_EDGE, SESSION_OPEN, VERIFY_SUBMIT):
+            reply = await nc.request(subject, b"\xc1\x00garbage", timeout=10)
+            with pytest.raises(Exception) as err:
+                wire.decode_reply(wire.SessionOpened, reply.data)
+            assert getattr(err.value, "code", None) == ErrorCode.BAD_REQUEST, subject
+
+        unknown = wire.VerifyRequest(sid="0" * 32, round=0, base_len=3, draft_ids=[1],
+                                     budget_ms=1000.0, draft_ms=0.0, device_id="test")
+        reply = await nc.request(VERIFY_SUBMIT, wire.encode(unknown), timeout=10)
+        with pytest.raises(Exception) as err:
+            wire.decode_reply(wire.VerifyResult, reply.data)
+        assert err.value.code == ErrorCode.UNKNOWN_SESSION
+
+        _, target = shipped_pair()
+        with pytest.raises(ServerError) as err:
+            await generate_ids(client, [1, 2, target.vocab_size + 7], "sled")
+        assert err.value.code == ErrorCode.OUT_OF_VOCABULARY
+
+        with pytest.raises(ServerError) as err:
+            await generate_ids(client, [5] * 5000, "sled")
+        assert err.value.code == ErrorCode.PROMPT_TOO_LONG
+
+        # A draft longer than k_max, sent for a real session.
+        opened = wire.decode_reply(wire.SessionOpened, (await nc.request(SESSION_OPEN, wire.encode(
+            wire.SessionOpen(sid=wire.new_sid(), mode="sled", prompt_ids=prompts[1],
+                             max_new_tokens=8, device_id="test", k_max=8))
+        , timeout=10)).data)
+        too_long = wire.VerifyRequest(sid=opened.sid, round=0, base_len=len(prompts[1]),
+                                      draft_ids=[1] * 12, budget_ms=1000.0, draft_ms=0.0,
+                                      device_id="test")
+        reply = await nc.request(VERIFY_SUBMIT, wire.encode(too_long), timeout=10)
+        with pytest.raises(Exception) as err:
+            wire.decode_reply(wire.VerifyResult, reply.data)
+        assert err.value.code == ErrorCode.DRAFT_TOO_LONG
+
+        ids, _ = await healthy
+    assert ids == refs[0]
