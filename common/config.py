@@ -66,4 +66,7 @@ def load_config(cls: type[C], argv: list[str] | None = None, prog: str | None = 
             values[f.name] = _converter(hints[f.name])(raw)
         except ValueError as exc:
             parser.error(f"--{f.name.replace('_', '-')} / {_env_name(f.name)}: {exc}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a config's own __post_init__ checks
+        parser.error(str(exc))

@@ -86,6 +86,9 @@ def load_model(
     allow_download: bool = False,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would interleave with JSON log lines
 
     device = select_device(device) if isinstance(device, str) else device
     dtype = parse_dtype(dtype, device) if dtype is None or isinstance(dtype, str) else dtype

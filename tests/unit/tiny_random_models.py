@@ -89,7 +89,7 @@ def random_tokens(n: int, seed: int) -> list[int]:
 @torch.inference_mode()
 def reference_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
     """Plain transformers forward of the full sequence, no cache: fp32 [n, vocab]."""
-    ids = torch.tensor([token_ids], dtype=torch.int64)
+    ids = torch.tensor([token_ids], dtype=torch.int64, device=next(model.parameters()).device)
     return model(input_ids=ids, use_cache=False).logits[0].float()
 
 
