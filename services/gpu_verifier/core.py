@@ -265,6 +265,8 @@ class VerifierCore:
     def _sparse_tensors(self, item: VerifyItem, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate the draft's sparse distributions; returns (ids [k, m], probs [k, m])."""
         ids, probs = item.draft_sparse_ids, item.draft_sparse_probs
+        if k == 0 and not ids and not probs:  # nothing drafted: the target samples alone
+            return torch.empty(0, 1, dtype=torch.long), torch.empty(0, 1)
         if ids is None or probs is None or len(ids) != k or len(probs) != k:
             raise WispError(ErrorCode.BAD_REQUEST,
                             "sampling needs the draft's sparse distribution for each of the "
