@@ -1,0 +1,90 @@
+"""Edge-side pieces without NATS: device-profile emulation, draft batching, detokenizing."""
+
+import asyncio
+
+import pytest
+
+from common.device_profile import DeviceProfile, LinkEmulator, get_profile
+from common.draft_batcher import DraftBatcher
+from common.generation import Detokenizer
+
+
+def test_link_delays_follow_the_profile_and_repeat_with_the_seed():
+    p = DeviceProfile("t", draft_ms_per_token=10.0, rtt_ms=40.0, jitter_ms=6.0,
+                      uplink_kbps=8_000, downlink_kbps=16_000)
+    a, b = LinkEmulator(p, seed=7), LinkEmulator(p, seed=7)
+    ups = [a.uplink_delay_s(1000) for _ in range(50)]
+    assert ups == [b.uplink_delay_s(1000) for _ in range(50)]
+    # 20 ms half RTT + 1000 B at 8 Mbit/s = 1 ms, plus jitter in [0, 6] ms.
+    assert all(0.021 - 1e-9 <= u <= 0.027 + 1e-9 for u in ups)
+    assert 0.0205 <= a.downlink_delay_s(1000) <= 0.0265
+    # Drafting 4 tokens should take 40 ms; 15 ms were really spent.
+    assert a.draft_delay_s(4, 0.015) == pytest.approx(0.025)
+    assert a.draft_delay_s(4, 0.100) == 0.0
+
+
+def test_profiles_by_name():
+    assert get_profile("") is None and get_profile("none") is None
+    assert get_profile("4g").rtt_ms > get_profile("lan").rtt_ms
+    with pytest.raises(ValueError, match="known"):
+        get_profile("carrier-pigeon")
+    with pytest.raises(ValueError):
+        DeviceProfile("bad", rtt_ms=-1)
+
+
+class RecordingCore:
+    """Stands in for DrafterCore: records which sessions shared each draft call."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def draft(self, sids):
+        self.calls.append(sorted(sids))
+        return {sid: f"draft-{sid}" for sid in sids}
+
+
+async def test_sessions_asking_together_share_one_draft_call():
+    core = RecordingCore()
+    batcher = DraftBatcher(core)
+    try:
+        got = await asyncio.gather(*(batcher.draft(s) for s in ("a", "b", "c")))
+        assert got == ["draft-a", "draft-b", "draft-c"]
+        assert core.calls == [["a", "b", "c"]]
+        assert await batcher.draft("a") == "draft-a"
+        assert core.calls[-1] == ["a"]
+    finally:
+        batcher.close()
+
+
+async def test_a_failing_draft_reaches_every_waiter_and_the_batcher_goes_on():
+    class Failing(RecordingCore):
+        def draft(self, sids):
+            if not self.calls:
+                self.calls.append(sids)
+                raise RuntimeError("boom")
+            return super().draft(sids)
+
+    batcher = DraftBatcher(Failing())
+    try:
+        results = await asyncio.gather(batcher.draft("a"), batcher.draft("b"),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert await batcher.draft("a") == "draft-a"
+    finally:
+        batcher.close()
+
+
+class ByteTokenizer:
+    """Each id is one byte of UTF-8 — enough to split a character across tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_detokenizer_holds_back_a_split_character():
+    d = Detokenizer(ByteTokenizer())
+    e_acute = "é".encode()  # two bytes
+    assert d.push(list(b"caf")) == "caf"
+    assert d.push(list(b"caf") + [e_acute[0]]) == ""  # half a character: wait
+    assert d.push(list(b"caf") + list(e_acute)) == "é"
+    assert d.push(list(b"caf") + list(e_acute) + [e_acute[0]], final=True) == "\ufffd"
