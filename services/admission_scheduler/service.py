@@ -104,7 +104,7 @@ class SchedulerConfig(BaseConfig):
     max_batch_tokens: int = 8192  # Σ (drafted + 1) over a batch; a lone larger request runs alone
     policy: str = "fcfs"
     default_k_max: int = 8  # server-side modes, when the request gives none
-    max_prompt_tokens: int = 4096
+    max_prompt_tokens: int = 0  # 0: half the target's context, as the verifier core uses
     draft_model: str = ""  # "" disables the colocated mode
     target_model: str = field(default_factory=_default_target)  # tokenizer of server-side modes
     downlink_ms: float = 0.0  # downlink estimate subtracted from edge budgets
@@ -124,8 +124,8 @@ class SchedulerConfig(BaseConfig):
         if not 1 <= self.default_k_max <= MAX_DRAFT_TOKENS:
             raise ValueError(f"default_k_max must be within [1, {MAX_DRAFT_TOKENS}], "
                              f"got {self.default_k_max}")
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if self.downlink_ms < 0:
             raise ValueError(f"downlink_ms must be >= 0, got {self.downlink_ms}")
 
@@ -139,6 +139,8 @@ class SchedulerService(Service):
     def __init__(self, config: SchedulerConfig):
         super().__init__()
         self.config = config
+        # Resolved at start from the target model when the config leaves it at 0.
+        self.max_prompt_tokens = config.max_prompt_tokens
         self.policy = make_policy(config.policy, max_batch_size=config.max_batch_size,
                                   max_batch_tokens=config.max_batch_tokens)
         self.registry = VerifierRegistry(config.heartbeat_timeout_s, config.batch_timeout_s,
@@ -246,10 +248,10 @@ class SchedulerService(Service):
     async def _on_open(self, msg: Msg) -> None:
         req = decode(SessionOpen, msg.data)
         structlog.contextvars.bind_contextvars(sid=req.sid)
-        if len(req.prompt_ids) > self.config.max_prompt_tokens:
+        limit = self.max_prompt_tokens
+        if limit and len(req.prompt_ids) > limit:
             raise WispError(ErrorCode.PROMPT_TOO_LONG,
-                            f"prompt has {len(req.prompt_ids)} tokens; the limit is "
-                            f"{self.config.max_prompt_tokens}")
+                            f"prompt has {len(req.prompt_ids)} tokens; the limit is {limit}")
         vid = self.registry.pick()
         if vid is None:
             raise WispError(ErrorCode.CAPACITY, "no verifier is available; retry later")
@@ -476,7 +478,7 @@ class SchedulerService(Service):
                                             "admission-scheduler with --target-model PATH")
             return
         try:
-            tokenizer, eos, vocab_size, drafter_core = await asyncio.to_thread(
+            tokenizer, eos, vocab_size, context, drafter_core = await asyncio.to_thread(
                 _load_generation_models, cfg)
         except Exception as exc:
             if cfg.draft_model:
@@ -488,15 +490,18 @@ class SchedulerService(Service):
         from common.draft_batcher import DraftBatcher
         from common.generation import GenerationContext
 
+        self.max_prompt_tokens = cfg.max_prompt_tokens or context // 2
+
         self._generation_ctx = GenerationContext(
             nc=self.nc, store=self.store, tokenizer=tokenizer,
             drafter=DraftBatcher(drafter_core) if drafter_core is not None else None,
             device_id=SERVER_DEVICE_ID, eos_token_id=eos, default_k_max=cfg.default_k_max,
-            modes=SERVER_MODES, vocab_size=vocab_size, max_prompt_tokens=cfg.max_prompt_tokens)
+            modes=SERVER_MODES, vocab_size=vocab_size, max_prompt_tokens=self.max_prompt_tokens)
 
 
-def _load_generation_models(cfg: SchedulerConfig) -> tuple[Any, int | None, int, Any]:
-    """(target tokenizer, eos id, vocab size, DrafterCore or None); runs in a thread."""
+def _load_generation_models(cfg: SchedulerConfig) -> tuple[Any, int | None, int, int, Any]:
+    """(target tokenizer, eos id, vocab size, context length, DrafterCore or None); runs in
+    a thread."""
     from pathlib import Path
 
     from transformers import AutoConfig, AutoTokenizer
@@ -522,4 +527,5 @@ def _load_generation_models(cfg: SchedulerConfig) -> tuple[Any, int | None, int,
         check_same_vocabulary(draft, target)
         core = DrafterCore(make_runner(draft.model), draft.eos_token_id,
                            k_max=max(DRAFTER_K_MAX, cfg.default_k_max))
-    return tokenizer, eos, vocab_size, core
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    return tokenizer, eos, vocab_size, context, core
