@@ -6,10 +6,11 @@ way in and out:
 
 * decoding never unpickles or evaluates anything: ``msgpack.unpackb`` with ``raw=False`` and
   ``strict_map_key=True`` after a size check, ext types refused;
-* every message is checked against its dataclass's type hints by a small schema walker (int,
-  float, str, bool, ``X | None``, ``list[...]``, ``dict[str, ...]``, nested dataclasses,
-  ``Literal``, enums) with per-field constraints carried by ``Annotated`` (:class:`Range`,
-  :class:`Len`, :class:`Pattern`), then by the class's ``validate()`` hook for cross-field rules;
+* every message is checked against its dataclass's type hints by the schema walker of
+  :mod:`common.wire_schema` (int, float, str, bool, ``X | None``, ``list[...]``,
+  ``dict[str, ...]``, nested dataclasses, ``Literal``, enums) with per-field constraints carried
+  by ``Annotated`` (:class:`Range`, :class:`Len`, :class:`Pattern`), then by the class's
+  ``validate()`` hook for cross-field rules;
 * every problem becomes ``WispError(ErrorCode.BAD_REQUEST, ...)`` whose message names the field
   (``VerifyRequest.draft_ids[3]: must be >= 0, got -1``). Unknown fields are refused, so a typo
   is loud; ``bool`` is not an ``int``; an ``int`` is accepted where a ``float`` is expected;
@@ -25,34 +26,28 @@ conversion helpers import them lazily.
 
 from __future__ import annotations
 
-import difflib
-import functools
-import itertools
-import math
-import numbers
 import re
 import secrets
-import sys
-import types
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from enum import Enum
-from typing import (
-    TYPE_CHECKING,
-    Annotated,
-    Any,
-    Literal,
-    TypeVar,
-    Union,
-    get_args,
-    get_origin,
-    get_type_hints,
-)
+from dataclasses import dataclass, field, is_dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
 import msgpack
 
 from common.errors import ErrorCode, WispError
-from common.subjects import NAME_RE, SAFE_TOKEN_RE, is_publish_subject
+from common.subjects import NAME_RE, SAFE_TOKEN_RE
+from common.wire_schema import (
+    INT_MAX,
+    Invalid,
+    Len,
+    Pattern,
+    PublishSubject,
+    Range,
+    converter_for,
+    field_names,
+    required_fields,
+    short_repr,
+    type_name,
+)
 
 if TYPE_CHECKING:
     from common.sampling import SamplingParams
@@ -113,72 +108,16 @@ MAX_SPARSE_M = 64  # entries of one position's sparse draft distribution
 MAX_BATCH_ENTRIES = 1024  # requests in one VerifierBatch
 MAX_ERROR_MESSAGE_CHARS = 2000  # error replies are cut to this
 
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
 
-
-# -- field constraints (used inside Annotated[...]) ------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Range:
-    """Numeric bounds of an int or float field."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-
-    def error(self, v: float) -> str | None:
-        if self.ge is not None and not v >= self.ge:
-            return f"must be >= {self.ge}, got {v!r}"
-        if self.gt is not None and not v > self.gt:
-            return f"must be > {self.gt}, got {v!r}"
-        if self.le is not None and not v <= self.le:
-            return f"must be <= {self.le}, got {v!r}"
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Len:
-    """Length bounds of a list or str field, checked before its elements are walked."""
-
-    min: int = 0
-    max: int | None = None
-
-    def error(self, v: Any) -> str | None:
-        n = len(v)
-        unit = "characters" if isinstance(v, str) else "entries"
-        if n < self.min:
-            return "must not be empty" if self.min == 1 else \
-                f"must have at least {self.min} {unit}, got {n}"
-        if self.max is not None and n > self.max:
-            return f"has {n} {unit}; the limit is {self.max}"
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Pattern:
-    """A str field that must fully match ``regex``; ``what`` says it in words."""
-
-    regex: re.Pattern[str]
-    what: str
-
-    def error(self, v: str) -> str | None:
-        return None if self.regex.fullmatch(v) else f"must be {self.what}, got {_short(v)}"
-
-
-class _PublishSubject:
-    def error(self, v: str) -> str | None:
-        return None if is_publish_subject(v) else \
-            f"must be a subject to publish to (no spaces or wildcards), got {_short(v)}"
-
-
-# -- field types ------------------------------------------------------------------------------
+# -- field types (constraints: common.wire_schema) --------------------------------------------
 Id = Annotated[str, Pattern(SAFE_TOKEN_RE, "1-128 characters of A-Z a-z 0-9 _ -")]
 Name = Annotated[str, Pattern(NAME_RE, "1-256 characters of A-Z a-z 0-9 _ - . / @ +")]
 Sha256 = Annotated[str, Pattern(re.compile(r"[0-9a-f]{64}"), "64 lowercase hex digits")]
-Inbox = Annotated[str, _PublishSubject()]
+Inbox = Annotated[str, PublishSubject()]
 Count = Annotated[int, Range(ge=0)]  # counts, indices, lengths, rounds, token ids
 TokenId = Count
 Positive = Annotated[int, Range(ge=1)]
-Seed = Annotated[int, Range(ge=0, le=_INT_MAX)]
+Seed = Annotated[int, Range(ge=0, le=INT_MAX)]
 KMax = Annotated[int, Range(ge=1, le=MAX_DRAFT_TOKENS)]
 Ms = Annotated[float, Range(ge=0.0)]  # a duration in milliseconds
 PositiveMs = Annotated[float, Range(gt=0.0)]
@@ -507,8 +446,8 @@ def encode(msg: Any) -> bytes:
     """msgpack bytes of a message, checked like :func:`decode` checks them."""
     cls = type(msg)
     try:
-        wire = _converter(cls)(msg, False)
-    except _Invalid as exc:
+        wire = converter_for(cls)(msg, False)
+    except Invalid as exc:
         raise exc.to_error(cls.__name__, "cannot encode ") from None
     data = msgpack.packb({"v": PROTOCOL_VERSION, **wire}, use_bin_type=True)
     if len(data) > MAX_PAYLOAD_BYTES:
@@ -543,8 +482,8 @@ def to_dict(msg: Any) -> dict[str, Any]:
     """The wire map of a message (with ``v``), checked, without packing it."""
     cls = type(msg)
     try:
-        return {"v": PROTOCOL_VERSION, **_converter(cls)(msg, False)}
-    except _Invalid as exc:
+        return {"v": PROTOCOL_VERSION, **converter_for(cls)(msg, False)}
+    except Invalid as exc:
         raise exc.to_error(cls.__name__, "cannot encode ") from None
 
 
@@ -554,19 +493,19 @@ def from_dict(cls: type[M], obj: Any) -> M:
         raise TypeError(f"{cls!r} is not a protocol message class")
     if not isinstance(obj, dict):
         raise WispError(ErrorCode.BAD_REQUEST,
-                        f"{cls.__name__}: payload must be a msgpack map, got {_type_name(obj)}")
+                        f"{cls.__name__}: payload must be a msgpack map, got {type_name(obj)}")
     if "v" not in obj:
         raise WispError(ErrorCode.BAD_REQUEST,
                         f"{cls.__name__}: missing field 'v' (protocol version)")
     version = obj["v"]
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise WispError(ErrorCode.BAD_REQUEST,
-                        f"{cls.__name__}: unsupported protocol version {_short(version)}; "
+                        f"{cls.__name__}: unsupported protocol version {short_repr(version)}; "
                         f"this service speaks {PROTOCOL_VERSION}")
     body = {k: v for k, v in obj.items() if k != "v"}
     try:
-        return _converter(cls)(body, True)
-    except _Invalid as exc:
+        return converter_for(cls)(body, True)
+    except Invalid as exc:
         raise exc.to_error(cls.__name__) from None
 
 
@@ -576,7 +515,7 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 
 def _unpack(data: Any) -> dict:
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise WispError(ErrorCode.BAD_REQUEST, f"payload must be bytes, got {_type_name(data)}")
+        raise WispError(ErrorCode.BAD_REQUEST, f"payload must be bytes, got {type_name(data)}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size == 0:
         raise WispError(ErrorCode.BAD_REQUEST, "payload is empty")
@@ -595,7 +534,7 @@ def _unpack(data: Any) -> dict:
         raise WispError(ErrorCode.BAD_REQUEST, f"payload is not valid msgpack ({detail})") from exc
     if not isinstance(obj, dict):
         raise WispError(ErrorCode.BAD_REQUEST,
-                        f"payload must be a msgpack map, got {_type_name(obj)}")
+                        f"payload must be a msgpack map, got {type_name(obj)}")
     return obj
 
 
@@ -607,374 +546,24 @@ def _error_from_map(obj: dict) -> WispError:
         # A code from a newer peer: keep its words rather than calling the reply malformed.
         message = info.get("message")
         return WispError(ErrorCode.INTERNAL,
-                         f"peer error {_short(code)}: {message if isinstance(message, str) else ''}")
+                         f"peer error {short_repr(code)}: {message if isinstance(message, str) else ''}")
     return from_dict(ErrorReply, obj).to_error()
 
 
 def _pick_class(classes: tuple[type, ...], obj: dict) -> type:
     keys = set(obj)
-    matching = [c for c in classes if _required_fields(c) <= keys]
+    matching = [c for c in classes if required_fields(c) <= keys]
     if len(matching) == 1:
         return matching[0]
     if matching:  # the one whose every field is explained by the map's keys
-        exact = [c for c in matching if keys - {"v"} <= _field_names(c)]
+        exact = [c for c in matching if keys - {"v"} <= field_names(c)]
         if len(exact) == 1:
             return exact[0]
         raise WispError(ErrorCode.BAD_REQUEST,
                         f"payload matches more than one of {_names(classes)}")
     # None matches: report against the closest so the message names what is missing.
-    return max(classes, key=lambda c: len(_field_names(c) & keys))
+    return max(classes, key=lambda c: len(field_names(c) & keys))
 
 
 def _names(classes: tuple[type, ...]) -> str:
     return ", ".join(c.__name__ for c in classes)
-
-
-# -- schema walker ----------------------------------------------------------------------------
-class _Invalid(Exception):
-    """A check failed at ``path`` (segments appended while the error unwinds)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-        self.path: list[str] = []
-
-    def to_error(self, root: str, prefix: str = "") -> WispError:
-        where = root
-        for seg in self.path:
-            where += seg if seg.startswith("[") else f".{seg}"
-        return WispError(ErrorCode.BAD_REQUEST, f"{prefix}{where}: {self.message}")
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, dict):
-        return "map"
-    if isinstance(v, list | tuple):
-        return "list"
-    return type(v).__name__
-
-
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Annotated:
-        return _describe(get_args(tp)[0])
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in get_args(tp))
-    if origin is list:
-        return "list"
-    if origin is dict:
-        return "map"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-Conv = Callable[[Any, bool], Any]  # (value, from_wire) -> value
-
-
-@functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls) if f.init)
-
-
-@functools.cache
-def _required_fields(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls)
-                     if f.init and f.default is MISSING and f.default_factory is MISSING)
-
-
-@functools.cache
-def _converter(tp: Any) -> Conv:
-    """A checking converter for type hint ``tp``: wire value -> Python (from_wire=True) or
-    Python -> msgpack-ready value (from_wire=False). Built once per hint."""
-    origin = get_origin(tp)
-    if origin is Annotated:
-        return _annotated_converter(tp)
-    if origin in (Union, types.UnionType):
-        return _union_converter(tp)
-    if origin is Literal:
-        return _literal_converter(get_args(tp))
-    if origin is list:
-        return _list_converter(get_args(tp)[0])
-    if origin is dict:
-        key_tp, value_tp = get_args(tp)
-        assert key_tp is str, "maps are keyed by str"
-        return _dict_converter(value_tp)
-    if tp is int:
-        return _conv_int
-    if tp is float:
-        return _conv_float
-    if tp is bool:
-        return _conv_bool
-    if tp is str:
-        return _conv_str
-    if tp is type(None):
-        return _conv_none
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return _enum_converter(tp)
-    if isinstance(tp, type) and is_dataclass(tp):
-        return _dataclass_converter(tp)
-    raise TypeError(f"protocol: unsupported type hint {tp!r}")
-
-
-def _conv_int(v: Any, from_wire: bool) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise _Invalid(f"expected int, got {_type_name(v)}")
-    v = int(v)
-    if not _INT_MIN <= v <= _INT_MAX:
-        raise _Invalid(f"integer {_short(v)} does not fit in 64 bits")
-    return v
-
-
-def _conv_float(v: Any, from_wire: bool) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise _Invalid(f"expected float, got {_type_name(v)}")
-    try:
-        v = float(v)
-    except OverflowError:
-        raise _Invalid(f"number {_short(v)} is out of range") from None
-    if not math.isfinite(v):
-        raise _Invalid(f"must be a finite number, got {v!r}")
-    return v
-
-
-def _conv_bool(v: Any, from_wire: bool) -> bool:
-    if not isinstance(v, bool):
-        raise _Invalid(f"expected bool, got {_type_name(v)}")
-    return v
-
-
-def _conv_str(v: Any, from_wire: bool) -> str:
-    if not isinstance(v, str):
-        raise _Invalid(f"expected str, got {_type_name(v)}")
-    return v
-
-
-def _conv_none(v: Any, from_wire: bool) -> None:
-    if v is not None:
-        raise _Invalid(f"expected null, got {_type_name(v)}")
-    return None
-
-
-def _annotated_converter(tp: Any) -> Conv:
-    base, *marks = get_args(tp)
-    inner = _converter(base)
-    pre = tuple(m for m in marks if isinstance(m, Len))
-    post = tuple(m for m in marks if not isinstance(m, Len))
-
-    def conv(v: Any, from_wire: bool) -> Any:
-        if pre and isinstance(v, list | tuple | str):
-            for m in pre:
-                if (msg := m.error(v)) is not None:
-                    raise _Invalid(msg)
-        out = inner(v, from_wire)
-        for m in post:
-            if (msg := m.error(out)) is not None:
-                raise _Invalid(msg)
-        return out
-
-    return conv
-
-
-def _fast_list_check(item_tp: Any) -> Callable[[Any], bool] | None:
-    """A test that accepts, using builtins only, a ``list[item_tp]`` that is certainly valid:
-    item_tp a bounded int/float (token ids, probabilities) or a length-bounded list of one
-    (sparse rows). Whatever it does not accept takes the element-by-element walk, which names
-    the culprit; it never accepts anything that walk would refuse."""
-    scalar = _fast_scalar_check(item_tp)
-    if scalar is not None:
-        return scalar
-    if get_origin(item_tp) is not Annotated:
-        return None
-    row_tp, *marks = get_args(item_tp)
-    if get_origin(row_tp) is not list or not all(isinstance(m, Len) for m in marks):
-        return None
-    inner = _fast_scalar_check(get_args(row_tp)[0])
-    if inner is None:
-        return None
-    min_len = max([0] + [m.min for m in marks])
-    max_len = min([_INT_MAX] + [m.max for m in marks if m.max is not None])
-
-    def accepts(v: Any) -> bool:
-        if type(v) is not list or not v or set(map(type, v)) != {list}:
-            return False
-        lengths = list(map(len, v))
-        return (min_len <= min(lengths) and max(lengths) <= max_len
-                and inner(list(itertools.chain.from_iterable(v))))
-
-    return accepts
-
-
-def _fast_scalar_check(item_tp: Any) -> Callable[[Any], bool] | None:
-    if get_origin(item_tp) is not Annotated:
-        return None
-    base, *marks = get_args(item_tp)
-    if base not in (int, float) or not all(isinstance(m, Range) and m.gt is None
-                                           for m in marks):
-        return None
-    big = _INT_MAX if base is int else sys.float_info.max  # also keeps out inf (and NaN)
-    lo = max([-big] + [m.ge for m in marks if m.ge is not None])
-    hi = min([big] + [m.le for m in marks if m.le is not None])
-    exact = {base}
-
-    def accepts(v: Any) -> bool:
-        # A NaN can hide from min/max but not from the sum.
-        if type(v) is not list or not v or set(map(type, v)) != exact:
-            return False
-        if base is float and not math.isfinite(sum(v)):
-            return False
-        return lo <= min(v) and max(v) <= hi
-
-    return accepts
-
-
-def _union_converter(tp: Any) -> Conv:
-    args = get_args(tp)
-    nullable = type(None) in args
-    arms = tuple(_converter(a) for a in args if a is not type(None))
-    described = _describe(tp)
-
-    def conv(v: Any, from_wire: bool) -> Any:
-        if v is None:
-            if nullable:
-                return None
-            raise _Invalid(f"expected {described}, got null")
-        if len(arms) == 1:
-            return arms[0](v, from_wire)
-        for arm in arms:
-            try:
-                return arm(v, from_wire)
-            except _Invalid:
-                continue
-        raise _Invalid(f"expected {described}, got {_type_name(v)}")
-
-    return conv
-
-
-def _literal_converter(allowed: tuple) -> Conv:
-    listed = ", ".join(repr(a) for a in allowed)
-
-    def conv(v: Any, from_wire: bool) -> Any:
-        if type(v) is str and v in allowed:
-            return v
-        raise _Invalid(f"must be one of {listed}, got {_short(v)}")
-
-    return conv
-
-
-def _list_converter(item_tp: Any) -> Conv:
-    item = _converter(item_tp)
-    fast = _fast_list_check(item_tp)
-
-    def conv(v: Any, from_wire: bool) -> list:
-        if fast is not None and fast(v):
-            return v
-        if not isinstance(v, list | tuple):
-            raise _Invalid(f"expected list, got {_type_name(v)}")
-        out = []
-        for i, x in enumerate(v):
-            try:
-                out.append(item(x, from_wire))
-            except _Invalid as exc:
-                exc.path.insert(0, f"[{i}]")
-                raise
-        return out
-
-    return conv
-
-
-def _dict_converter(value_tp: Any) -> Conv:
-    value = _converter(value_tp)
-
-    def conv(v: Any, from_wire: bool) -> dict:
-        if not isinstance(v, dict):
-            raise _Invalid(f"expected map, got {_type_name(v)}")
-        out = {}
-        for k, x in v.items():
-            if not isinstance(k, str):
-                raise _Invalid(f"map keys must be str, got {_type_name(k)}")
-            try:
-                out[k] = value(x, from_wire)
-            except _Invalid as exc:
-                exc.path.insert(0, f"[{k!r}]")
-                raise
-        return out
-
-    return conv
-
-
-def _enum_converter(enum: type[Enum]) -> Conv:
-    values = {e.value: e for e in enum}
-    listed = ", ".join(repr(v) for v in values)
-
-    def conv(v: Any, from_wire: bool) -> Any:
-        member = v if isinstance(v, enum) else values.get(v) if isinstance(v, str) else None
-        if member is None:
-            raise _Invalid(f"must be one of {listed}, got {_short(v)}")
-        return member if from_wire else member.value
-
-    return conv
-
-
-def _dataclass_converter(cls: type) -> Conv:
-    hints = get_type_hints(cls, include_extras=True)
-    specs = tuple((f.name, _converter(hints[f.name])) for f in fields(cls) if f.init)
-    names = _field_names(cls)
-    required = _required_fields(cls)
-    validate = getattr(cls, "validate", None)
-
-    def conv(v: Any, from_wire: bool) -> Any:
-        if from_wire:
-            if not isinstance(v, dict):
-                raise _Invalid(f"expected map, got {_type_name(v)}")
-            if unknown := v.keys() - names:
-                raise _Invalid(_unknown_fields(unknown, names))
-            if missing := required - v.keys():
-                raise _Invalid("missing required field"
-                               f"{'s' if len(missing) > 1 else ''} "
-                               + ", ".join(repr(m) for m in sorted(missing)))
-            kwargs = {}
-            for name, conv_field in specs:
-                if name in v:
-                    try:
-                        kwargs[name] = conv_field(v[name], True)
-                    except _Invalid as exc:
-                        exc.path.insert(0, name)
-                        raise
-            msg = cls(**kwargs)
-            out = msg
-        else:
-            if not isinstance(v, cls):
-                raise _Invalid(f"expected {cls.__name__}, got {_type_name(v)}")
-            msg, out = v, {}
-            for name, conv_field in specs:
-                try:
-                    out[name] = conv_field(getattr(v, name), False)
-                except _Invalid as exc:
-                    exc.path.insert(0, name)
-                    raise
-        if validate is not None:
-            try:
-                msg.validate()
-            except ValueError as exc:
-                raise _Invalid(str(exc)) from None
-        return out
-
-    return conv
-
-
-def _unknown_fields(unknown: set, names: frozenset[str]) -> str:
-    parts = []
-    for key in sorted(unknown, key=str):
-        text = repr(key)
-        if isinstance(key, str) and (close := difflib.get_close_matches(key, names, n=1)):
-            text += f" (did you mean {close[0]!r}?)"
-        parts.append(text)
-    return f"unknown field{'s' if len(parts) > 1 else ''} " + ", ".join(parts)
