@@ -129,6 +129,7 @@ def start_stack(args) -> Stack:
             _spawn(svc, env)
             stack.services.append(svc)
         wait_ready(stack)
+        wait_verifiers_known(stack)
     except BaseException:
         stop_stack(stack)
         raise
@@ -161,6 +162,29 @@ def wait_ready(stack: Stack, timeout_s: float = READY_TIMEOUT_S,
             names = ", ".join(s.name for s in pending)
             raise RuntimeError(f"not ready after {timeout_s:.0f}s: {names} (see their logs)")
         time.sleep(0.25)
+
+
+def wait_verifiers_known(stack: Stack, timeout_s: float = 30.0) -> None:
+    """Ready means usable: the scheduler has heard every verifier's heartbeat, so the first
+    session is not turned away for want of a verifier."""
+    verifiers = {s.name.removeprefix("gpu-verifier-") for s in stack.services
+                 if s.module == "services.gpu_verifier"}
+    scheduler = next((s for s in stack.services if s.module == "services.admission_scheduler"),
+                     None)
+    if scheduler is None or not verifiers:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(scheduler.url + "/verifiers", timeout=1) as resp:
+                known = {v["id"] for v in json.load(resp)["verifiers"] if v["alive"]}
+            if {f"v{i}" for i in verifiers} <= known:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the admission-scheduler did not see every verifier within "
+                       f"{timeout_s:.0f}s (see the logs in {stack.state_dir / 'logs'})")
 
 
 def _http_ok(url: str) -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from common import protocol as wire
 from common.embedded import EmbeddedInfra
+from common.logs import configure_logging
 from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
 from common.models.runner_factory import make_runner
 from common.sampling import SamplingParams
@@ -83,6 +84,7 @@ async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, flo
         await msg.respond(reply)
 
     await server.subscribe("bench.echo", cb=echo)
+    await server.flush()  # the subscription must reach the server before the first request
     payload = wire.encode(req)
     rr = await atimed(lambda: client.request("bench.echo", payload, timeout=5), n)
     redis = connect_redis(infra.redis_url)
@@ -189,7 +191,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--k", type=int, nargs="+", default=[0, 4, 8])
-    asyncio.run(main_async(ap.parse_args()))
+    args = ap.parse_args()
+    configure_logging("warning")
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
