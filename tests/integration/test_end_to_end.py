@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +36,8 @@ def stack(nats_url, redis_url, tmp_path_factory):
     args = argparse.Namespace(
         nats_url=nats_url, redis_url=redis_url, verifiers=2, edges=1, draft=DEFAULT_DRAFT,
         target=DEFAULT_TARGET, device="cpu", metrics_port=0, log_level="info",
-        state_dir=str(tmp_path_factory.mktemp("wisp-state")),
+        # Named as `wisp up` names it, so the README's example finds stack.json.
+        state_dir=str(tmp_path_factory.mktemp("stack") / ".wisp"),
         # Short timeouts so failure tests recover in seconds, not the production defaults.
         extra_env={"WISP_VERIFY_TIMEOUT_S": "2", "WISP_HEARTBEAT_TIMEOUT_S": "1.5",
                    "WISP_HEARTBEAT_S": "0.3", "OMP_NUM_THREADS": "1"})
@@ -168,3 +174,15 @@ async def test_bad_input_gets_clear_errors_while_others_continue(stack, cases, n
 
         ids, _ = await healthy
     assert ids == refs[0]
+
+
+def test_the_readme_sdk_example_runs_against_the_stack(stack):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Client SDK"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    repo = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], cwd=stack.state_dir.parent, timeout=120,
+                         capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=repo))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "GenerateTimings" in out.stdout and len(out.stdout) > 60
