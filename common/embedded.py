@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -112,7 +113,7 @@ def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-class _EmbeddedServer:
+class _EmbeddedServer(ABC):
     """Process lifecycle shared by the NATS and Redis wrappers."""
 
     name = "server"
@@ -137,12 +138,13 @@ class _EmbeddedServer:
 
     # -- subclass hooks -------------------------------------------------------------
 
+    @abstractmethod
     def _command(self, port: int, directory: Path) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
+    @abstractmethod
     def _ready(self, port: int, pid: int) -> bool:
         """True once the server `pid` itself (not some other process on `port`) serves."""
-        raise NotImplementedError
 
     def _log_files(self, directory: Path) -> list[Path]:
         return [self._stdio_path(directory)]
