@@ -212,9 +212,7 @@ async def _resume(ctx, req: wire.GenerateRequest, profile, drafting: bool) -> _L
                  record.max_new_tokens, record.k_max, slo, record.last_round + 1, drafting,
                  _link(profile, record.sid))
     if drafting and record.state != "finished":
-        params = SamplingParams(temperature=record.temperature, top_p=record.top_p,
-                                top_k=record.top_k, draft_top_m=record.draft_top_m)
-        await _open_drafter(ctx, live, params, record.seed if record.seed >= 0 else None,
+        await _open_drafter(ctx, live, record.sampling_params(), record.rebuild_seed(),
                             req.policy)
     log.info("session_resumed", sid=record.sid, committed=len(record.tokens),
              next_round=live.next_round)

@@ -10,6 +10,7 @@ took over from a dead one — answers a retry of that round with the same result
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -106,6 +107,28 @@ class SessionRecord:
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.prompt_len :]
+
+    def sampling_params(self):
+        from common.sampling import SamplingParams  # torch only where sessions are served
+
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              draft_top_m=self.draft_top_m)
+
+    def rebuild_seed(self) -> int | None:
+        """The generator seed of this session (re)opened at its committed length.
+
+        At the start of a session it is the session's own seed. A session rebuilt mid-way must
+        not restart the seed's stream: its first uniforms already decided the committed rounds,
+        so reusing them would correlate new decisions with old ones. It gets a fresh stream
+        derived from (seed, committed length) instead, the same on every process.
+        """
+        if self.seed < 0:
+            return None  # no seed given: a random one is drawn
+        if len(self.tokens) <= self.prompt_len:
+            return self.seed
+        digest = hashlib.blake2b(f"{self.seed}:{len(self.tokens)}".encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "little")
 
 
 def now_ms() -> float:

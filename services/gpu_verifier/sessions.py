@@ -13,13 +13,11 @@ forget the session, so the next batch rebuilds it from Redis.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 import structlog
 
 from common.errors import ErrorCode, WispError
 from common.protocol import VerifyRequest, VerifyResult, decode
-from common.sampling import SamplingParams
 from common.store import CommitStatus, SessionRecord, SessionStore
 from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyOutcome
 
@@ -91,28 +89,9 @@ def outcome_from_result(blob: bytes) -> VerifyOutcome | None:
 
 
 def spec_from_record(record: SessionRecord) -> SessionSpec:
-    params = SamplingParams(temperature=record.temperature, top_p=record.top_p,
-                            top_k=record.top_k, draft_top_m=record.draft_top_m)
     return SessionSpec(sid=record.sid, prompt_ids=record.prompt_ids,
-                       max_new_tokens=record.max_new_tokens, params=params,
-                       seed=rebuild_seed(record.seed, len(record.tokens), record.prompt_len),
-                       committed_output=record.output_ids)
-
-
-def rebuild_seed(seed: int, committed_len: int, prompt_len: int) -> int | None:
-    """The generator seed of a session (re)opened at `committed_len` tokens.
-
-    At the start of a session it is the session's own seed. A session rebuilt mid-way must not
-    restart the seed's stream: its first uniforms already decided the committed rounds, so
-    reusing them would correlate new decisions with old ones. It gets a fresh stream derived
-    from (seed, committed_len) instead, reproducible on every verifier.
-    """
-    if seed < 0:
-        return None  # no seed given: the core draws one
-    if committed_len <= prompt_len:
-        return seed
-    digest = hashlib.blake2b(f"{seed}:{committed_len}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+                       max_new_tokens=record.max_new_tokens, params=record.sampling_params(),
+                       seed=record.rebuild_seed(), committed_output=record.output_ids)
 
 
 def _is_current(core: VerifierCore, request: VerifyRequest) -> bool:
