@@ -259,8 +259,15 @@ async def _round(ctx: GenerationContext, live: _Live, start: float) -> wire.Veri
     result = await _request(ctx, VERIFY_SUBMIT, request, wire.VerifyResult, link=live.link)
     rtt_ms = (time.monotonic() - sent_at) * 1e3
     if live.drafting:
-        await ctx.drafter.call(ctx.drafter.core.apply, live.sid, result.num_accepted,
-                               list(result.new_tokens), rtt_ms / 1e3)
+        try:
+            await ctx.drafter.call(ctx.drafter.core.apply, live.sid, result.num_accepted,
+                                   list(result.new_tokens), rtt_ms / 1e3)
+        except WispError:
+            # The stored answer of this round was for another edge's draft (a resumed session
+            # whose first edge was still alive): take the committed tokens as they are.
+            log.warning("verdict_for_another_draft", round=request.round)
+            await ctx.drafter.call(ctx.drafter.core.resync, live.sid,
+                                   live.committed + list(result.new_tokens))
     live.committed.extend(result.new_tokens)
     live.next_round += 1
     live.stats.rounds += 1

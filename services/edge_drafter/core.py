@@ -138,6 +138,19 @@ class DrafterCore:
             features=draft.features, draft_time_s=draft.draft_time_s,
             round_trip_s=round_trip_s))
 
+    def resync(self, sid: str, committed: list[int]) -> None:
+        """Adopt committed tokens decided elsewhere (another edge drove this session's round):
+        keep the KV of the common prefix, drop the outstanding draft."""
+        session = self._session(sid)
+        common = 0
+        for mine, theirs in zip(session.committed, committed, strict=False):
+            if mine != theirs:
+                break
+            common += 1
+        self.runner.truncate(sid, min(self.runner.cached_len(sid), common))
+        session.committed = list(committed)
+        session.last_draft = None
+
     # -- internals --------------------------------------------------------------------------
     def _session(self, sid: str) -> _Session:
         session = self.sessions.get(sid)

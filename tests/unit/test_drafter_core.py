@@ -125,3 +125,15 @@ def test_policy_factory_parses_and_rejects():
         policy_factory("fixed:9", 8)
     with pytest.raises(ValueError):
         policy_factory("oracle", 8)
+
+
+def test_resync_adopts_tokens_committed_elsewhere(model):
+    d = make_drafter(model)
+    d.open("s", [4, 5, 6], 50, SamplingParams(), FixedK(4, 6))
+    draft = d.draft(["s"])["s"]
+    foreign = [(draft.token_ids[0] + 1) % 97, 11]  # another edge's round: not our draft
+    with pytest.raises(WispError):
+        d.apply("s", 1, foreign)
+    d.resync("s", [4, 5, 6] + foreign)
+    assert d.committed("s") == [4, 5, 6] + foreign
+    assert d.draft(["s"])["s"].token_ids == greedy_continuation(model, [4, 5, 6] + foreign, 4)
