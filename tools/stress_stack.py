@@ -1,0 +1,90 @@
+"""Many concurrent sessions through the real stack, checked token for token.
+
+    .venv/bin/python tools/stress_stack.py [--sessions 64] [--max-new-tokens 32]
+
+Starts embedded NATS + Redis and the services (2 verifiers, 1 edge) as `wisp up` does, runs
+`--sessions` concurrent greedy generations per mode (sled, centralized, and sled with the `4g`
+device profile) through the SDK, and reports how many equal the target's own greedy output,
+wall time, tokens/s and TPOT percentiles. Not a capacity benchmark (loadgen is that): a check
+that concurrency, batching and emulated links keep output exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+from common.client import Client
+from common.embedded import EmbeddedInfra
+from common.logs import configure_logging
+from common.models.loading import DEFAULT_DRAFT, DEFAULT_MODELS_DIR, DEFAULT_TARGET, load_model
+from common.models.reference import hf_greedy
+from services.launcher import start_stack, stop_stack
+
+RUNS = [("sled", None), ("centralized", None), ("sled", "4g")]
+
+
+def held_out(tokenizer, n: int) -> list[list[int]]:
+    data = json.loads((DEFAULT_MODELS_DIR / "eval_prompts.json").read_text())
+    texts = data["code"] + data["prose"]
+    return [tokenizer.encode(texts[i % len(texts)], add_special_tokens=False)[-96:]
+            for i in range(n)]
+
+
+async def run_mode(url: str, prompts, refs, mode: str, profile: str | None,
+                   max_new: int) -> str:
+    async def one(client: Client, prompt):
+        gen = client.generate(None, prompt_ids=prompt, max_new_tokens=max_new, mode=mode,
+                              device_profile=profile)
+        ids: list[int] = []
+        async for tok in gen:
+            ids.extend(tok.token_ids)
+        return ids, gen.done
+
+    async with Client(url, timeout_s=300) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, p) for p in prompts))
+        wall = time.perf_counter() - start
+    exact = sum(ids == ref for (ids, _), ref in zip(results, refs, strict=True))
+    tpot = sorted(done.timings.tpot_ms for _, done in results)
+    tokens = sum(len(ids) for ids, _ in results)
+    n = len(prompts)
+    return (f"| {mode} | {profile or '-'} | {exact}/{n} | {wall:.1f} | {tokens / wall:.0f} | "
+            f"{tpot[n // 2]:.1f} | {tpot[int(n * 0.9)]:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    configure_logging("warning")
+    target = load_model(DEFAULT_TARGET, device="cpu")
+    prompts = held_out(target.tokenizer, args.sessions)
+    refs = [hf_greedy(target.model, p, args.max_new_tokens, target.eos_token_id)
+            for p in prompts]
+    rows = ["| mode | device profile | exact | wall s | tokens/s | TPOT p50 ms | TPOT p90 ms |",
+            "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp, \
+            EmbeddedInfra(os.path.join(tmp, "infra")) as infra:
+        stack = start_stack(argparse.Namespace(
+            nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=2, edges=1,
+            draft=DEFAULT_DRAFT, target=DEFAULT_TARGET, device="cpu", metrics_port=0,
+            log_level="warning", state_dir=os.path.join(tmp, "state")))
+        try:
+            for mode, profile in RUNS:
+                rows.append(asyncio.run(run_mode(stack.nats_url, prompts, refs, mode, profile,
+                                                 args.max_new_tokens)))
+        finally:
+            stop_stack(stack)
+    print(f"{args.sessions} concurrent sessions, {args.max_new_tokens} new tokens each, greedy, "
+          "2 verifiers + 1 edge-drafter on this machine\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
