@@ -22,6 +22,25 @@ from common.subjects import session_key, session_tokens_key
 SESSION_TTL_S = 3600  # refreshed every round; an abandoned session expires by itself
 
 
+# Both touch a session only while it exists: a plain HSET on an expired or closed-and-gone
+# session would leave a stray hash without a TTL (and without the fields `load` needs).
+# KEYS[1] = session hash; ARGV = field, value, field, value...
+_SET_IF_EXISTS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# KEYS[1] = session hash, KEYS[2] = token list; ARGV[1] = seconds until the keys expire
+_CLOSE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'closed')
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+CLOSED_TTL_S = 60  # clients may still read a closed session's output this long
+
+
 class CommitStatus(IntEnum):
     MISMATCH = 0  # base length disagrees with Redis and it is not a replay
     APPLIED = 1
@@ -140,6 +159,8 @@ class SessionStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._commit = client.register_script(_COMMIT_LUA)
+        self._set_if_exists = client.register_script(_SET_IF_EXISTS_LUA)
+        self._close = client.register_script(_CLOSE_LUA)
 
     async def create(self, record: SessionRecord) -> None:
         """Write a new session; its `tokens` must be the prompt."""
@@ -173,14 +194,12 @@ class SessionStore:
                   *new_tokens])
         return CommitStatus(int(status)), int(committed)
 
-    async def set_fields(self, sid: str, **fields: str | int | float) -> None:
-        await self.redis.hset(session_key(sid), mapping={k: str(v) for k, v in fields.items()})
+    async def set_fields(self, sid: str, **fields: str | int | float) -> bool:
+        """Update fields of an existing session; False (and nothing written) if it is gone."""
+        args = [str(x) for pair in fields.items() for x in pair]
+        return bool(await self._set_if_exists(keys=[session_key(sid)], args=args))
 
-    async def close(self, sid: str) -> None:
-        """Mark closed and let the keys expire soon (clients may still read the output)."""
-        hkey, tkey = session_key(sid), session_tokens_key(sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(hkey, "state", "closed")
-            pipe.expire(hkey, 60)
-            pipe.expire(tkey, 60)
-            await pipe.execute()
+    async def close(self, sid: str) -> bool:
+        """Mark closed and let the keys expire soon; False if there is no such session."""
+        return bool(await self._close(keys=[session_key(sid), session_tokens_key(sid)],
+                                      args=[CLOSED_TTL_S]))

@@ -62,7 +62,6 @@ from common.subjects import (
     VERIFY_SUBMIT,
     deadline_member,
     event,
-    session_key,
     verifier_batch,
 )
 from services.admission_scheduler.batching import POLICIES, PendingVerify, make_policy
@@ -78,15 +77,6 @@ SWEEP_INTERVAL_S = 60.0  # forget idle sessions, trim stale deadline members
 DEADLINE_RETENTION_MS = 600_000.0  # members this far past their deadline are leftovers
 SERVER_DEVICE_ID = "server"  # device id of server-side (centralized/colocated) sessions
 DRAFTER_K_MAX = 16  # the server drafter's upper bound on k (a session may ask for less)
-
-# Move a session to another verifier only if it still exists: a plain HSET on an expired or
-# closed-and-gone session would leave a stray hash without TTL.
-_REASSIGN_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'verifier_id', ARGV[1])
-return 1
-"""
-
 
 def _default_target() -> str:
     from common.models.loading import DEFAULT_TARGET  # imports torch: only when needed
@@ -147,7 +137,6 @@ class SchedulerService(Service):
                                          now_ms())
         self.counters: Counter[str] = Counter()
         self.store: SessionStore | None = None
-        self._reassign_script: Any = None
         self._subs: dict[str, Subscription] = {}
         self._generations: set[asyncio.Task] = set()
         self._check_task: asyncio.Task | None = None
@@ -162,7 +151,6 @@ class SchedulerService(Service):
     async def start(self) -> None:
         assert self.nc is not None and self.redis is not None
         self.store = SessionStore(self.redis)
-        self._reassign_script = self.redis.register_script(_REASSIGN_LUA)
         self.registry.started_ms = self._last_sweep_ms = now_ms()
         await self._load_server_side()
         nc = self.nc
@@ -281,8 +269,7 @@ class SchedulerService(Service):
     async def _on_close(self, msg: Msg) -> None:
         req = decode(SessionClose, msg.data)
         structlog.contextvars.bind_contextvars(sid=req.sid)
-        if await self.redis.exists(session_key(req.sid)):
-            await self.store.close(req.sid)
+        await self.store.close(req.sid)  # a no-op for a session that is already gone
         self.registry.forget(req.sid)
         self.counters["sessions_closed"] += 1
         log.info("session_closed")
@@ -442,12 +429,8 @@ class SchedulerService(Service):
 
     async def _write_moves(self, moved: dict[str, str]) -> None:
         """Record new placements in Redis (`verifier_id` of each session that still exists)."""
-        if not moved:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid, vid in moved.items():
-                await self._reassign_script(keys=[session_key(sid)], args=[vid], client=pipe)
-            await pipe.execute()
+        await asyncio.gather(*(self.store.set_fields(sid, verifier_id=vid)
+                               for sid, vid in moved.items()))
 
     # -- errors and events --------------------------------------------------------------------
     async def _reject(self, reply_to: str | None, err: WispError, what: str,
