@@ -8,7 +8,7 @@ devices; pass explicit numbers (or your own measured profile) for claims about h
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(slots=True, frozen=True)
@@ -74,7 +74,3 @@ class LinkEmulator:
         if kbps:
             ms += num_bytes * 8 / kbps  # kbit/s == bit/ms
         return ms / 1e3
-
-
-def with_overrides(profile: DeviceProfile, **fields: float) -> DeviceProfile:
-    return replace(profile, **fields)

@@ -85,6 +85,19 @@ class InProcessEngine:
         self.drafter = drafter
         self._ids = itertools.count()
 
+    @classmethod
+    def from_models(cls, draft, target, k_max: int, **runner_kw) -> InProcessEngine:
+        """Both cores over loaded models (`common.models.loading.LoadedModel`); `draft=None`
+        gives target-only decoding. `runner_kw` goes to `make_runner` (KV budget, blocks)."""
+        from common.models.runner_factory import make_runner
+
+        eos = target.eos_token_id
+        verifier = VerifierCore(make_runner(target.model, **runner_kw), eos, k_max=k_max)
+        drafter = None
+        if draft is not None:
+            drafter = DrafterCore(make_runner(draft.model, **runner_kw), eos, k_max=k_max)
+        return cls(verifier, drafter)
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return self.generate_many([request])[0]
 
@@ -162,7 +175,6 @@ class InProcessEngine:
 class LocalStack:
     engine: InProcessEngine
     tokenizer: object
-    eos_token_id: int | None
 
 
 def build_local_stack(draft: str | None = None, target: str | None = None,
@@ -171,7 +183,6 @@ def build_local_stack(draft: str | None = None, target: str | None = None,
                       allow_download: bool = False) -> LocalStack:
     """Load the pair (the shipped tiny pair by default) and wire both cores in one process."""
     from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_pair
-    from common.models.runner_factory import make_runner
 
     if target_only:
         target_model = load_model(target or DEFAULT_TARGET, device, dtype, allow_download)
@@ -179,11 +190,6 @@ def build_local_stack(draft: str | None = None, target: str | None = None,
     else:
         draft_model, target_model = load_pair(draft or DEFAULT_DRAFT, target or DEFAULT_TARGET,
                                               device, dtype, allow_download)
-    eos = target_model.eos_token_id
-    verifier = VerifierCore(make_runner(target_model.model, kv_budget_bytes=kv_budget_bytes),
-                            eos, k_max=k_max)
-    drafter = None
-    if draft_model is not None:
-        drafter = DrafterCore(make_runner(draft_model.model, kv_budget_bytes=kv_budget_bytes),
-                              eos, k_max=k_max)
-    return LocalStack(InProcessEngine(verifier, drafter), target_model.tokenizer, eos)
+    engine = InProcessEngine.from_models(draft_model, target_model, k_max,
+                                         kv_budget_bytes=kv_budget_bytes)
+    return LocalStack(engine, target_model.tokenizer)

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import functools
-import json
 
-from common.models.loading import DEFAULT_MODELS_DIR, LoadedModel, load_pair
+from common.models import loading
 
 MAX_NEW = 32  # new tokens per exactness case: enough for several rounds at k_max 8
 
 
 @functools.cache
-def shipped_pair() -> tuple[LoadedModel, LoadedModel]:
-    return load_pair(device="cpu", dtype="float32")
+def shipped_pair() -> tuple[loading.LoadedModel, loading.LoadedModel]:
+    return loading.load_pair(device="cpu", dtype="float32")
 
 
 def held_out_prompts(tokenizer, per_domain: int = 12, max_tokens: int = 128) -> list[list[int]]:
-    """Token ids of held-out code and prose prompts (never seen in training)."""
-    data = json.loads((DEFAULT_MODELS_DIR / "eval_prompts.json").read_text())
-    prompts = []
-    for domain in ("code", "prose"):
-        for text in data[domain][:per_domain]:
-            prompts.append(tokenizer.encode(text, add_special_tokens=False)[-max_tokens:])
-    return prompts
+    """Held-out code prompts, then held-out prose prompts (never seen in training)."""
+    by_domain = loading.held_out_prompts(tokenizer, per_domain, max_tokens)
+    return by_domain["code"] + by_domain["prose"]

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,26 +19,16 @@ import time
 import torch
 
 from common.logs import configure_logging
-from common.models.loading import DEFAULT_MODELS_DIR, load_pair
+from common.models.loading import held_out_prompts, load_pair
 from common.models.runner import ForwardItem
 from common.models.runner_factory import make_runner
-from services.edge_drafter.core import DrafterCore
 from services.edge_drafter.policies import FixedK
 from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyItem
 from services.inprocess import GenerationRequest, InProcessEngine
 
 
-def prompts_by_domain(tokenizer, n: int, max_tokens: int = 128) -> dict[str, list[list[int]]]:
-    data = json.loads((DEFAULT_MODELS_DIR / "eval_prompts.json").read_text())
-    return {d: [tokenizer.encode(t, add_special_tokens=False)[-max_tokens:] for t in data[d][:n]]
-            for d in ("code", "prose")}
-
-
 def engine(draft, target, k_max: int, speculative: bool = True) -> InProcessEngine:
-    eos = target.eos_token_id
-    verifier = VerifierCore(make_runner(target.model), eos, k_max=k_max)
-    drafter = DrafterCore(make_runner(draft.model), eos, k_max) if speculative else None
-    return InProcessEngine(verifier, drafter)
+    return InProcessEngine.from_models(draft if speculative else None, target, k_max)
 
 
 def bench_acceptance(draft, target, prompts, max_new: int, ks: list[int]) -> list[str]:
@@ -168,7 +157,7 @@ def main() -> None:
     quick = args.quick
     draft, target = load_pair(device=args.device, dtype=args.dtype)
     n_prompts = 6 if quick else 24
-    prompts = prompts_by_domain(target.tokenizer, n_prompts)
+    prompts = held_out_prompts(target.tokenizer, n_prompts)
     max_new = 32 if quick else 64
     print("## Configuration\n")
     print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
@@ -21,7 +20,7 @@ import time
 from common.client import Client
 from common.embedded import EmbeddedInfra
 from common.logs import configure_logging
-from common.models.loading import DEFAULT_DRAFT, DEFAULT_MODELS_DIR, DEFAULT_TARGET, load_model
+from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET, held_out_prompts, load_model
 from common.models.reference import hf_greedy
 from services.launcher import start_stack, stop_stack
 
@@ -29,10 +28,10 @@ RUNS = [("sled", None), ("centralized", None), ("sled", "4g")]
 
 
 def held_out(tokenizer, n: int) -> list[list[int]]:
-    data = json.loads((DEFAULT_MODELS_DIR / "eval_prompts.json").read_text())
-    texts = data["code"] + data["prose"]
-    return [tokenizer.encode(texts[i % len(texts)], add_special_tokens=False)[-96:]
-            for i in range(n)]
+    """`n` held-out prompts, cycling through both domains' prompts when n is larger."""
+    by_domain = held_out_prompts(tokenizer, max_tokens=96)
+    every = by_domain["code"] + by_domain["prose"]
+    return [every[i % len(every)] for i in range(n)]
 
 
 async def run_mode(url: str, prompts, refs, mode: str, profile: str | None,

@@ -7,6 +7,7 @@ a mismatch is refused with an error that names both models (DESIGN.md §3).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +144,14 @@ def load_pair(
     draft_model = load_model(draft, device, dtype, allow_download)
     check_same_vocabulary(draft_model, target_model)
     return draft_model, target_model
+
+
+def held_out_prompts(tokenizer, per_domain: int | None = None,
+                     max_tokens: int = 128) -> dict[str, list[list[int]]]:
+    """Token ids of the shipped pair's held-out prompts (never seen in training), by domain
+    ('code', 'prose'): the first `per_domain` of each (all if None), each cut to its last
+    `max_tokens` tokens. Tests and benchmarks share them (models/eval_prompts.json)."""
+    data = json.loads((DEFAULT_MODELS_DIR / "eval_prompts.json").read_text())
+    return {domain: [tokenizer.encode(text, add_special_tokens=False)[-max_tokens:]
+                     for text in data[domain][:per_domain]]
+            for domain in ("code", "prose")}

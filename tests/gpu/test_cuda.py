@@ -12,10 +12,7 @@ from common.models.loading import load_pair
 from common.models.paged_runner import PagedRunner
 from common.models.reference import hf_greedy
 from common.models.runner import ForwardItem
-from common.models.runner_factory import make_runner
-from services.edge_drafter.core import DrafterCore
 from services.edge_drafter.policies import FixedK
-from services.gpu_verifier.core import VerifierCore
 from services.inprocess import GenerationRequest, InProcessEngine
 from tests.shipped import held_out_prompts
 from tests.unit.tiny_random_models import random_tokens, reference_logits, tiny_llama, tiny_qwen2
@@ -45,9 +42,7 @@ def test_greedy_exactness_on_cuda_fp32(k_max):
     draft, target = load_pair(device="cuda", dtype="float32")
     prompts = held_out_prompts(target.tokenizer, per_domain=12)
     refs = [hf_greedy(target.model, p, 32, target.eos_token_id) for p in prompts]
-    eos = target.eos_token_id
-    engine = InProcessEngine(VerifierCore(make_runner(target.model), eos, k_max=k_max),
-                             DrafterCore(make_runner(draft.model), eos, k_max))
+    engine = InProcessEngine.from_models(draft, target, k_max)
     results = engine.generate_many([GenerationRequest(p, 32, policy=FixedK(k_max), start_step=i)
                                     for i, p in enumerate(prompts)])
     assert [r.token_ids for r in results] == refs

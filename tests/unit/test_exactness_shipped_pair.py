@@ -5,10 +5,7 @@ target-only, and with a KV budget so small that sessions are evicted and rebuilt
 import pytest
 
 from common.models.reference import hf_greedy
-from common.models.runner_factory import make_runner
-from services.edge_drafter.core import DrafterCore
 from services.edge_drafter.policies import FixedK
-from services.gpu_verifier.core import VerifierCore
 from services.inprocess import GenerationRequest, InProcessEngine
 from tests.shipped import MAX_NEW, held_out_prompts, shipped_pair
 
@@ -30,10 +27,7 @@ def cases(pair):
 
 def engine(pair, k_max, draft=True, **runner_kw):
     draft_m, target_m = pair
-    eos = target_m.eos_token_id
-    verifier = VerifierCore(make_runner(target_m.model, **runner_kw), eos, k_max=k_max)
-    drafter = DrafterCore(make_runner(draft_m.model, **runner_kw), eos, k_max) if draft else None
-    return InProcessEngine(verifier, drafter)
+    return InProcessEngine.from_models(draft_m if draft else None, target_m, k_max, **runner_kw)
 
 
 def requests(prompts, k_max, stagger):
