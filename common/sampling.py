@@ -185,6 +185,15 @@ def _probs_from_logits(logits: Tensor, temperature: float, dtype: torch.dtype) -
     return probs
 
 
+def _check_logits_and_params(logits: Tensor, params: SamplingParams) -> None:
+    _check_tensor("logits", logits, 2, "[n, V]")
+    _check_float("logits", logits)
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+
+
 def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     """logits [n, V] -> probs [n, V] float32: the target's sampling distribution per row.
 
@@ -194,12 +203,7 @@ def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     survives).  Greedy params give the one-hot of each row's argmax: the temperature -> 0 limit,
     under which speculative_accept reduces to greedy acceptance.
     """
-    _check_tensor("logits", logits, 2, "[n, V]")
-    _check_float("logits", logits)
-    if logits.shape[1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary dimension")
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    _check_logits_and_params(logits, params)
     if logits.shape[0] == 0:
         return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     if params.greedy:
@@ -263,12 +267,7 @@ def draft_sparse(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor
     the verifier evaluate q(x) exactly.  Greedy params give probs (1, 0, ..., 0): the draft
     deterministically proposes its argmax.
     """
-    _check_tensor("logits", logits, 2, "[n, V]")
-    _check_float("logits", logits)
-    if logits.shape[1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary dimension")
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    _check_logits_and_params(logits, params)
     m = min(params.draft_top_m, logits.shape[1])
     if params.greedy:
         if bool(torch.isnan(logits).any()):

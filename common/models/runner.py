@@ -72,3 +72,17 @@ class ModelRunner(Protocol):
 
     def evicted(self) -> list[str]:
         """Sequence ids evicted since the last call (drained on read), for metrics and logs."""
+
+
+def uncached_tail(runner: ModelRunner, seq_id: str, tokens: list[int]) -> tuple[list[int], int]:
+    """(the part of `tokens` whose KV the runner does not hold, the cached length it follows).
+
+    At least the last token is always fed, since its logits are what the caller wants: a KV
+    that already covers it (never expected between rounds) is rolled back by one. Call it right
+    before the forward: a sub-batch run just before may have evicted this sequence.
+    """
+    cached = runner.cached_len(seq_id)
+    if cached >= len(tokens):
+        cached = len(tokens) - 1
+        runner.truncate(seq_id, cached)
+    return tokens[cached:], cached

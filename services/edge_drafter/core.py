@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.errors import ErrorCode, WispError
-from common.models.runner import ForwardItem, KVCacheFull, ModelRunner
+from common.models.runner import ForwardItem, KVCacheFull, ModelRunner, uncached_tail
 from common.sampling import SamplingParams, draft_sparse, sample_sparse
 from services.edge_drafter.features import TokenFeatures, token_features
 from services.edge_drafter.policies import DraftPolicy, RoundFeedback
@@ -183,12 +183,8 @@ class DrafterCore:
                               self._forward(sids[half:], drafts)], dim=0)
 
     def _step_item(self, sid: str, draft: Draft) -> ForwardItem:
-        sequence = self.sessions[sid].committed + draft.token_ids
-        cached = self.runner.cached_len(sid)
-        if cached >= len(sequence):
-            cached = len(sequence) - 1
-            self.runner.truncate(sid, cached)
-        return ForwardItem(sid, sequence[cached:], num_logits=1)
+        tail, _ = uncached_tail(self.runner, sid, self.sessions[sid].committed + draft.token_ids)
+        return ForwardItem(sid, tail, num_logits=1)
 
     def _choose(self, sids: list[str], logits: torch.Tensor):
         """Pick each session's next draft token from logits [B, V].

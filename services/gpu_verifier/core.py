@@ -20,7 +20,7 @@ import structlog
 import torch
 
 from common.errors import ErrorCode, WispError
-from common.models.runner import ForwardItem, KVCacheFull, ModelRunner
+from common.models.runner import ForwardItem, KVCacheFull, ModelRunner, uncached_tail
 from common.sampling import SamplingParams, greedy_accept, speculative_accept, target_probs
 
 log = structlog.get_logger(__name__)
@@ -155,13 +155,8 @@ class VerifierCore:
 
     def _forward_item(self, p: _Prepared) -> tuple[ForwardItem, int]:
         """Built right before the forward: an earlier sub-batch may have evicted this KV."""
-        committed = p.session.committed
-        cached = self.runner.cached_len(p.item.sid)
-        if cached >= len(committed):
-            # Never expected, but a KV holding the bonus token would double-feed it.
-            cached = len(committed) - 1
-            self.runner.truncate(p.item.sid, cached)
-        tokens = committed[cached:] + list(p.item.draft_ids)
+        tail, cached = uncached_tail(self.runner, p.item.sid, p.session.committed)
+        tokens = tail + list(p.item.draft_ids)
         return ForwardItem(p.item.sid, tokens, num_logits=len(p.item.draft_ids) + 1), cached
 
     def _run(self, prepared: list[tuple[int, _Prepared]]):
