@@ -408,9 +408,15 @@ class Client:
                 log.warning("nats_error", error=str(exc))
 
             try:
-                self._nc = await nats.connect(
+                # Reconnect forever once connected, but nats-py applies that to the first
+                # connect too: bound it, so a wrong URL fails instead of hanging.
+                self._nc = await asyncio.wait_for(nats.connect(
                     self.nats_url, name=self._name, connect_timeout=self._connect_timeout_s,
-                    error_cb=on_error, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                    error_cb=on_error, max_reconnect_attempts=-1, reconnect_time_wait=0.5),
+                    self._connect_timeout_s)
+            except TimeoutError:
+                raise ServiceUnavailable(f"cannot connect to NATS at {self.nats_url} within "
+                                         f"{self._connect_timeout_s:g} s") from None
             except Exception as exc:
                 raise ServiceUnavailable(f"cannot connect to NATS at {self.nats_url}: "
                                          f"{exc}") from exc

@@ -208,6 +208,8 @@ def _histogram(result) -> dict[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.client import WispClientError  # no torch: cheap to import here
+
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "up":
             return cmd_up(args)
-    except (WispError, ValueError, RuntimeError) as exc:
+    except (WispError, WispClientError, ValueError, RuntimeError) as exc:
         print(f"wisp: error: {exc}", file=sys.stderr)
         return 1
     return 2

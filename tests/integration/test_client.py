@@ -248,3 +248,13 @@ def test_tracker_skips_known_and_splits_partial_overlap() -> None:
     assert t.text == "abcde" and t.token_ids == [1, 2, 3, 4, 5]
     with pytest.raises(ServerError, match="skipped"):
         t.take(TokenChunk(sid=SID, index=7, token_ids=[8], text="h"))
+
+
+async def test_unreachable_nats_fails_fast_instead_of_hanging():
+    from common.embedded import find_free_port
+
+    start = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="cannot connect"):
+        async with Client(f"nats://127.0.0.1:{find_free_port()}", connect_timeout_s=1.0):
+            pass
+    assert time.monotonic() - start < 5
