@@ -49,7 +49,9 @@ class LoadedModel:
         eos = self.model.config.eos_token_id
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        return eos if eos is not None else self.tokenizer.eos_token_id
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return eos
 
     @property
     def max_positions(self) -> int:

@@ -140,7 +140,7 @@ class VerifierService(Service):
         runner = await asyncio.to_thread(make_runner, self.model.model,
                                          kv_budget_bytes=cfg.kv_budget_mb << 20,
                                          block_size=cfg.block_size)
-        self.core = VerifierCore(runner, _eos_token_id(self.model), cfg.k_max,
+        self.core = VerifierCore(runner, self.model.eos_token_id, cfg.k_max,
                                  cfg.max_prompt_tokens or None)
         self._hardware = _hardware_name(self.model.device)
         self.store = SessionStore(self.redis)
@@ -369,12 +369,6 @@ class VerifierService(Service):
             except Exception:
                 log.warning("heartbeat_failed", exc_info=True)
             await asyncio.sleep(self.config.heartbeat_s)
-
-
-def _eos_token_id(model: LoadedModel) -> int | None:
-    if model.model.config.eos_token_id is None and model.tokenizer is None:
-        return None
-    return model.eos_token_id
 
 
 def _hardware_name(device: torch.device) -> str:
