@@ -46,16 +46,21 @@ class LoadedModel:
 
     @property
     def eos_token_id(self) -> int | None:
-        eos = self.model.config.eos_token_id
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None and self.tokenizer is not None:
-            eos = self.tokenizer.eos_token_id
-        return eos
+        return eos_token_id(self.model.config, self.tokenizer)
 
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def eos_token_id(config, tokenizer=None) -> int | None:
+    """The model config's EOS id (the first, if it lists several), else the tokenizer's."""
+    eos = config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return eos
 
 
 def select_device(preference: str = "auto") -> torch.device:

@@ -489,14 +489,13 @@ def _load_generation_models(cfg: SchedulerConfig) -> tuple[Any, int | None, int,
 
     from transformers import AutoConfig, AutoTokenizer
 
+    from common.models.loading import eos_token_id
+
     if not Path(cfg.target_model).exists():
         raise FileNotFoundError(f"{cfg.target_model!r} is not a local folder")
     tokenizer = AutoTokenizer.from_pretrained(cfg.target_model, local_files_only=True)
     model_config = AutoConfig.from_pretrained(cfg.target_model, local_files_only=True)
-    eos = model_config.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos = eos_token_id(model_config, tokenizer)
     vocab_size = int(model_config.vocab_size)
     core = None
     if cfg.draft_model:
