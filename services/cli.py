@@ -53,16 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by device)")
     gen.add_argument("--allow-download", action="store_true",
                      help="allow fetching models from a hub (off by default)")
+    from services.launcher import add_up_arguments  # no torch at import
+
     up = sub.add_parser("up", help="run NATS, Redis and every service on this machine")
-    up.add_argument("--nats-url", default=None, help="use this NATS instead of starting one")
-    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
-    up.add_argument("--verifiers", type=int, default=1, help="gpu-verifier replicas")
-    up.add_argument("--edges", type=int, default=1, help="edge-drafter processes")
-    up.add_argument("--draft", default=None, help="draft model (default: shipped tiny draft)")
-    up.add_argument("--target", default=None, help="target model (default: shipped tiny target)")
-    up.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
-    up.add_argument("--metrics-port", type=int, default=0, help="default 9100, else a free one")
-    up.add_argument("--state-dir", default=".wisp", help="logs and stack.json go here")
+    add_up_arguments(up)
     up.add_argument("--demo", default=None, metavar="PROMPT",
                     help="once ready, generate PROMPT in modes sled, centralized and colocated")
     up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
@@ -157,11 +151,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET
     from services.launcher import start_stack, stop_stack
 
-    args.draft = args.draft or DEFAULT_DRAFT
-    args.target = args.target or DEFAULT_TARGET
     stack = start_stack(args)
     metrics = next(s for s in stack.services if s.name == "metrics")
     print(f"""

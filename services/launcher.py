@@ -9,6 +9,7 @@ services (SIGTERM: they drain) and then the servers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -74,7 +75,38 @@ class Stack:
                              for s in self.services}}
 
 
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that shape a stack (`wisp up` adds its demo options to these)."""
+    parser.add_argument("--nats-url", default=None, help="use this NATS instead of starting one")
+    parser.add_argument("--redis-url", default=None,
+                        help="use this Redis instead of starting one")
+    parser.add_argument("--verifiers", type=int, default=1, help="gpu-verifier replicas")
+    parser.add_argument("--edges", type=int, default=1, help="edge-drafter processes")
+    parser.add_argument("--draft", default=None, help="draft model (default: shipped tiny draft)")
+    parser.add_argument("--target", default=None,
+                        help="target model (default: shipped tiny target)")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="default 9100, else a free one")
+    parser.add_argument("--state-dir", default=".wisp", help="logs and stack.json go here")
+
+
+def stack_options(**overrides) -> argparse.Namespace:
+    """`wisp up`'s options at their defaults, then `overrides` (tests, benchmarks); also
+    `extra_env`: environment variables for every service process."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-level", default="warning")
+    add_up_arguments(parser)
+    args = parser.parse_args([])
+    args.extra_env = {}
+    vars(args).update(overrides)
+    return args
+
+
 def plan_services(args) -> list[ServiceProcess]:
+    from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    draft, target = args.draft or DEFAULT_DRAFT, args.target or DEFAULT_TARGET
     common = ["--log-level", args.log_level]
     models = []
     if args.device:
@@ -84,16 +116,16 @@ def plan_services(args) -> list[ServiceProcess]:
     for i in range(args.verifiers):
         services.append(ServiceProcess(
             f"gpu-verifier-{i}", "services.gpu_verifier",
-            [*common, *models, "--verifier-id", f"v{i}", "--target-model", args.target],
+            [*common, *models, "--verifier-id", f"v{i}", "--target-model", target],
             find_free_port()))
     services.append(ServiceProcess(
         "admission-scheduler", "services.admission_scheduler",
-        [*common, "--target-model", args.target, "--draft-model", args.draft],
+        [*common, "--target-model", target, "--draft-model", draft],
         find_free_port()))
     for i in range(args.edges):
         services.append(ServiceProcess(
             f"edge-drafter-{i}", "services.edge_drafter",
-            [*common, *models, "--draft-model", args.draft, "--device-id", f"edge{i}"],
+            [*common, *models, "--draft-model", draft, "--device-id", f"edge{i}"],
             find_free_port()))
     return services
 

@@ -27,7 +27,7 @@ import torch
 from common import protocol as wire
 from common.embedded import EmbeddedInfra
 from common.logs import configure_logging
-from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET, load_pair
+from common.models.loading import load_pair
 from common.models.runner_factory import make_runner
 from common.sampling import SamplingParams
 from common.service import connect_redis
@@ -36,7 +36,7 @@ from common.subjects import SESSION_OPEN, VERIFY_SUBMIT
 from services.edge_drafter.core import DrafterCore
 from services.edge_drafter.policies import FixedK
 from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyItem
-from services.launcher import start_stack, stop_stack
+from services.launcher import stack_options, start_stack, stop_stack
 
 CONTEXT = 128  # prompt tokens of the benchmark session
 
@@ -159,10 +159,9 @@ def bench_compute(k: int, n: int, draft, target) -> dict[str, float]:
 async def main_async(args) -> None:
     draft, target = load_pair(device="cpu")
     with tempfile.TemporaryDirectory() as tmp, EmbeddedInfra(os.path.join(tmp, "infra")) as infra:
-        stack = start_stack(argparse.Namespace(
-            nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=1, edges=0,
-            draft=DEFAULT_DRAFT, target=DEFAULT_TARGET, device="cpu", metrics_port=0,
-            log_level="warning", state_dir=os.path.join(tmp, "state")))
+        stack = start_stack(stack_options(
+            nats_url=infra.nats_url, redis_url=infra.redis_url, edges=0, device="cpu",
+            state_dir=os.path.join(tmp, "state")))
         try:
             rows = []
             for k in args.k:

@@ -20,9 +20,9 @@ import time
 from common.client import Client
 from common.embedded import EmbeddedInfra
 from common.logs import configure_logging
-from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET, held_out_prompts, load_model
+from common.models.loading import DEFAULT_TARGET, held_out_prompts, load_model
 from common.models.reference import hf_greedy
-from services.launcher import start_stack, stop_stack
+from services.launcher import stack_options, start_stack, stop_stack
 
 RUNS = [("sled", None), ("centralized", None), ("sled", "4g")]
 
@@ -70,10 +70,9 @@ def main() -> None:
             "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp, \
             EmbeddedInfra(os.path.join(tmp, "infra")) as infra:
-        stack = start_stack(argparse.Namespace(
-            nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=2, edges=1,
-            draft=DEFAULT_DRAFT, target=DEFAULT_TARGET, device="cpu", metrics_port=0,
-            log_level="warning", state_dir=os.path.join(tmp, "state")))
+        stack = start_stack(stack_options(
+            nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=2, device="cpu",
+            state_dir=os.path.join(tmp, "state")))
         try:
             for mode, profile in RUNS:
                 rows.append(asyncio.run(run_mode(stack.nats_url, prompts, refs, mode, profile,

@@ -6,7 +6,6 @@ Every generation is greedy, so every output must equal the target's own greedy o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -20,11 +19,10 @@ import pytest
 from common import protocol as wire
 from common.client import Client, ServerError
 from common.errors import ErrorCode
-from common.models.loading import DEFAULT_DRAFT, DEFAULT_TARGET
 from common.models.reference import hf_greedy
 from common.store import SessionStore
 from common.subjects import GENERATE_EDGE, SESSION_OPEN, VERIFY_SUBMIT
-from services.launcher import start_stack, stop_stack
+from services.launcher import stack_options, start_stack, stop_stack
 from tests.shipped import held_out_prompts, shipped_pair
 
 pytestmark = pytest.mark.slow
@@ -33,9 +31,8 @@ MAX_NEW = 40
 
 @pytest.fixture(scope="module")
 def stack(nats_url, redis_url, tmp_path_factory):
-    args = argparse.Namespace(
-        nats_url=nats_url, redis_url=redis_url, verifiers=2, edges=1, draft=DEFAULT_DRAFT,
-        target=DEFAULT_TARGET, device="cpu", metrics_port=0, log_level="info",
+    args = stack_options(
+        nats_url=nats_url, redis_url=redis_url, verifiers=2, device="cpu", log_level="info",
         # Named as `wisp up` names it, so the README's example finds stack.json.
         state_dir=str(tmp_path_factory.mktemp("stack") / ".wisp"),
         # Short timeouts so failure tests recover in seconds, not the production defaults.
