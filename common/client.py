@@ -48,12 +48,14 @@ from nats.aio.subscription import Subscription
 
 from common.errors import ErrorCode, WispError
 from common.protocol import (
-    ErrorReply,
+    SERVER_MODES,
     GenerateDone,
     GenerateRequest,
+    MalformedReply,
+    SamplingParams,
     Slo,
     TokenChunk,
-    decode,
+    checked,
     decode_reply,
     encode,
 )
@@ -74,7 +76,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-SERVER_MODES = frozenset({"centralized", "colocated"})
 _NO_RESPONDERS = "503"
 
 
@@ -346,22 +347,20 @@ class Generation:
     def _resume_payload(self) -> bytes:
         r = self._request
         resume = GenerateRequest(
-            max_new_tokens=r.max_new_tokens, mode=r.mode, slo=r.slo, temperature=r.temperature,
-            top_p=r.top_p, top_k=r.top_k, seed=r.seed, k_max=r.k_max, policy=r.policy,
-            device_profile=r.device_profile, resume_sid=self.sid)
+            max_new_tokens=r.max_new_tokens, mode=r.mode, slo=r.slo, sampling=r.sampling,
+            seed=r.seed, k_max=r.k_max, policy=r.policy, device_profile=r.device_profile,
+            resume_sid=self.sid)
         return encode_request(resume)
 
     @staticmethod
     def _decode(msg: Msg) -> TokenChunk | GenerateDone:
         try:
             return decode_reply((TokenChunk, GenerateDone), msg.data)
+        except MalformedReply as exc:
+            raise ServerError(ErrorCode.INTERNAL,
+                              f"malformed reply from the service: {exc.message}") from None
         except WispError as exc:
-            try:
-                info = decode(ErrorReply, msg.data).error  # a real error reply
-            except WispError:
-                raise ServerError(ErrorCode.INTERNAL,
-                                  f"malformed reply from the service: {exc.message}") from None
-            raise ServerError(info.code, info.message) from None
+            raise ServerError(exc.code, exc.message) from None
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None
@@ -375,8 +374,10 @@ def _service_for(subject: str) -> str:
 
 
 def encode_request(request: GenerateRequest) -> bytes:
+    """The request's payload, checked as the service will check it (bad arguments fail here,
+    as ValueError, not as an error reply)."""
     try:
-        return encode(request)
+        return encode(checked(request))
     except WispError as exc:
         raise ValueError(exc.message) from None
 
@@ -454,8 +455,8 @@ class Client:
         request = GenerateRequest(
             max_new_tokens=max_new_tokens, mode=mode, prompt=prompt,  # type: ignore[arg-type]
             prompt_ids=list(prompt_ids) if prompt_ids is not None else None, slo=_to_slo(slo),
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, k_max=k_max,
-            policy=policy, device_profile=device_profile)
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
+            seed=seed, k_max=k_max, policy=policy, device_profile=device_profile)
         gen = Generation(
             self, request, timeout_s=timeout_s or self.timeout_s,
             stall_timeout_s=stall_timeout_s or self.stall_timeout_s,

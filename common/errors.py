@@ -1,7 +1,10 @@
-"""Typed errors that cross a service boundary as `{"v": 1, "error": {"code", "message"}}`.
+"""Typed errors that cross a service boundary as an ``ErrorReply`` (``{"type": "ErrorReply",
+"v": 1, "error": {"code", "message"}}``).
 
-Cores raise (or return) `WispError` with one of the codes below; transport turns it into an
-error reply, a log line and a counter, and keeps serving everyone else (DESIGN.md §10).
+Services raise (or return) `WispError` with one of the codes below; transport turns it into an
+error reply, a log line and a counter, and keeps serving everyone else (docs/architecture.md,
+"Failure and bad input"). Two codes mean "try the same round again": CAPACITY (no room now) and
+UNAVAILABLE (a dependency failed for a moment); every other code is final for its request.
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ class ErrorCode(StrEnum):
     UNKNOWN_SESSION = "unknown_session"
     OUT_OF_VOCABULARY = "out_of_vocabulary"
     PROMPT_TOO_LONG = "prompt_too_long"
-    SEQUENCE_TOO_LONG = "sequence_too_long"
-    DRAFT_TOO_LONG = "draft_too_long"  # more draft tokens than k_max
+    SEQUENCE_TOO_LONG = "sequence_too_long"  # prompt + output + k_max over the context
+    DRAFT_TOO_LONG = "draft_too_long"  # more draft tokens than the session's k_max
     BASE_MISMATCH = "base_mismatch"  # round's base length disagrees with committed tokens
     STALE_ROUND = "stale_round"  # a round older than the last one answered
     SESSION_FINISHED = "session_finished"
-    CAPACITY = "capacity"  # no KV room even after evicting idle sessions; retry later
+    CAPACITY = "capacity"  # no room (KV, verifiers) now; retry later
+    UNAVAILABLE = "unavailable"  # a transient failure (store, device); retry the same round
     VOCABULARY_MISMATCH = "vocabulary_mismatch"
-    INTERNAL = "internal"
+    INTERNAL = "internal"  # a bug: final
+
+
+RETRYABLE = frozenset({ErrorCode.CAPACITY, ErrorCode.UNAVAILABLE})
 
 
 class WispError(Exception):
@@ -30,5 +37,6 @@ class WispError(Exception):
         self.code = ErrorCode(code)
         self.message = message
 
-    def to_dict(self) -> dict:
-        return {"code": str(self.code), "message": self.message}
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE

@@ -1,99 +1,86 @@
-"""Wire protocol: one dataclass per NATS message, one msgpack codec (DESIGN.md §4, §10).
+"""Wire protocol: one msgspec struct per NATS message, one msgpack codec (docs/architecture.md).
 
-Every payload is a msgpack map with ``"v": 1`` and snake_case fields; nested objects (SLO,
-sampling, timings, batch entries) are maps too. :func:`encode` and :func:`decode` are the only
-way in and out:
+Every payload is a msgpack map carrying a type tag ``"type"`` (the class name) and the protocol
+version ``"v": 1``, then snake_case fields; nested objects (SLO, sampling, timings, batch
+entries) are maps too. :func:`encode` and :func:`decode` are the only way in and out:
 
-* decoding never unpickles or evaluates anything: ``msgpack.unpackb`` with ``raw=False`` and
-  ``strict_map_key=True`` after a size check, ext types refused;
-* every message is checked against its dataclass's type hints by the schema walker of
-  :mod:`common.wire_schema` (int, float, str, bool, ``X | None``, ``list[...]``,
-  ``dict[str, ...]``, nested dataclasses, ``Literal``, enums) with per-field constraints carried
-  by ``Annotated`` (:class:`Range`, :class:`Len`, :class:`Pattern`), then by the class's
-  ``validate()`` hook for cross-field rules;
-* every problem becomes ``WispError(ErrorCode.BAD_REQUEST, ...)`` whose message names the field
-  (``VerifyRequest.draft_ids[3]: must be >= 0, got -1``). Unknown fields are refused, so a typo
-  is loud; ``bool`` is not an ``int``; an ``int`` is accepted where a ``float`` is expected;
-  floats must be finite.
+* decoding never unpickles or evaluates anything: msgspec's typed msgpack decoder after a size
+  check; the type tag says which class a payload is (a reply may be one of several);
+* every field is checked against its type (``bool`` is not an ``int``, an ``int`` is accepted
+  where a ``float`` is expected, numbers are finite) and its constraints (``Meta`` ranges,
+  lengths, patterns); unknown fields are refused so a typo is loud; cross-field rules live in
+  each struct's ``__post_init__`` (which also runs when a message is built in Python);
+* every problem becomes ``WispError(ErrorCode.BAD_REQUEST, ...)`` naming the class and the
+  field (``VerifyRequest: Expected `int` >= 0 - at `$.draft_ids[3]```).
 
-Checks that need the model (ids within the vocabulary, prompt + output within the context,
-``k_max`` of the deployment) stay in the cores; the limits here only bound what a peer may make
-a service allocate. :func:`encode` runs the same checks, so a bad message fails at its sender.
+This is the boundary: what passes :func:`decode` is structurally sound, and the only checks left
+for a service are those that need its model (token ids within the vocabulary, lengths within
+the context, ``k_max``; see :mod:`common.limits`). Cores trust what they are given.
 
-This module imports neither torch nor the cores at import time (the SDK uses it); the
-conversion helpers import them lazily.
+The module imports neither torch nor the cores (the SDK uses it).
 """
 
 from __future__ import annotations
 
-import re
+import math
 import secrets
-from dataclasses import dataclass, field, is_dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-import msgpack
+import msgspec
+from msgspec import Meta
 
 from common.errors import ErrorCode, WispError
 from common.subjects import NAME_RE, SAFE_TOKEN_RE
-from common.wire_schema import (
-    INT_MAX,
-    Invalid,
-    Len,
-    Pattern,
-    PublishSubject,
-    Range,
-    converter_for,
-    field_names,
-    required_fields,
-    short_repr,
-    type_name,
-)
-
-if TYPE_CHECKING:
-    from common.sampling import SamplingParams
-    from services.gpu_verifier.core import SessionSpec, VerifyItem, VerifyOutcome
 
 __all__ = [
+    "DRAFT_FEATURES",
     "MAX_BATCH_ENTRIES",
     "MAX_DRAFT_TOKENS",
     "MAX_ERROR_MESSAGE_CHARS",
     "MAX_PAYLOAD_BYTES",
-    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_BYTES",
     "MAX_PROMPT_IDS",
     "MAX_SPARSE_M",
     "MODES",
+    "PROB_SUM_TOL",
     "PROTOCOL_VERSION",
+    "AnyEvent",
     "BatchDone",
     "BatchEntry",
+    "BatchEvent",
+    "ErrorEvent",
     "ErrorInfo",
     "ErrorReply",
-    "Event",
     "GenerateDone",
     "GenerateRequest",
     "GenerateStats",
     "GenerateTimings",
     "Heartbeat",
-    "Len",
-    "Pattern",
+    "MalformedReply",
+    "ModelLimits",
     "PredictorUpdated",
-    "Range",
-    "Sampling",
+    "RequestEvent",
+    "RoundEvent",
+    "SamplingParams",
     "SessionClose",
     "SessionClosed",
+    "SessionLength",
     "SessionOpen",
     "SessionOpened",
+    "SessionSpec",
     "Slo",
     "TokenChunk",
+    "VerdictEvent",
     "VerifierBatch",
     "VerifyRequest",
     "VerifyResult",
+    "VocabInfo",
+    "checked",
     "decode",
     "decode_reply",
     "encode",
     "error_reply",
-    "from_dict",
     "new_sid",
-    "to_dict",
 ]
 
 PROTOCOL_VERSION = 1
@@ -102,110 +89,179 @@ PROTOCOL_VERSION = 1
 # NATS must allow payloads this large (nats-server's default max_payload is 1 MiB).
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_PROMPT_IDS = 32_768
-MAX_PROMPT_CHARS = 1_048_576  # a text prompt, bounding the edge's tokenizer work
-MAX_DRAFT_TOKENS = 64  # per round; each deployment's (smaller) k_max is enforced by the cores
+# A text prompt, in UTF-8 bytes: bounds the edge's tokenizer work before any model limit
+# applies (an edge bounds it further by what its model could ever take; see common.limits).
+MAX_PROMPT_BYTES = 1_048_576
+MAX_DRAFT_TOKENS = 64  # per round; each deployment's (smaller) k_max is agreed at open
 MAX_SPARSE_M = 64  # entries of one position's sparse draft distribution
 MAX_BATCH_ENTRIES = 1024  # requests in one VerifierBatch
 MAX_ERROR_MESSAGE_CHARS = 2000  # error replies are cut to this
+# Probability rows cross the wire as float32 rounded to msgpack floats; 1e-3 is far looser
+# than that rounding yet still catches logits, log-probs or unnormalised weights.
+PROB_SUM_TOL = 1e-3
+# Columns of a drafted token's feature row (VerifyRequest.draft_features), in this order: what
+# the edge's draft-length policy saw, carried to the verifier's verdict events so that the
+# rejection predictor learns from live traffic (common.engine.features computes them).
+DRAFT_FEATURES = ("confidence", "entropy", "margin", "std", "position")
 
+_FLOAT_MAX = 1e300  # |x| beyond this is treated as not finite (msgspec has no isfinite)
 
-# -- field types (constraints: common.wire_schema) --------------------------------------------
-Id = Annotated[str, Pattern(SAFE_TOKEN_RE, "1-128 characters of A-Z a-z 0-9 _ -")]
-Name = Annotated[str, Pattern(NAME_RE, "1-256 characters of A-Z a-z 0-9 _ - . / @ +")]
-Sha256 = Annotated[str, Pattern(re.compile(r"[0-9a-f]{64}"), "64 lowercase hex digits")]
-Inbox = Annotated[str, PublishSubject()]
-Count = Annotated[int, Range(ge=0)]  # counts, indices, lengths, rounds, token ids
+# -- field types --------------------------------------------------------------------------------
+Id = Annotated[str, Meta(pattern=f"^{SAFE_TOKEN_RE.pattern}$")]  # 1-128 of A-Z a-z 0-9 _ -
+Name = Annotated[str, Meta(pattern=f"^{NAME_RE.pattern}$")]  # ... and . / @ +
+Sha256 = Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+# A subject one may publish to: dot-separated non-empty tokens, no whitespace, no wildcards.
+Inbox = Annotated[str, Meta(pattern=r"^[^\s.*>]+(\.[^\s.*>]+)*$", max_length=512)]
+Count = Annotated[int, Meta(ge=0)]  # counts, indices, lengths, rounds, token ids
 TokenId = Count
-Positive = Annotated[int, Range(ge=1)]
-Seed = Annotated[int, Range(ge=0, le=INT_MAX)]
-KMax = Annotated[int, Range(ge=1, le=MAX_DRAFT_TOKENS)]
-Ms = Annotated[float, Range(ge=0.0)]  # a duration in milliseconds
-PositiveMs = Annotated[float, Range(gt=0.0)]
-Prob = Annotated[float, Range(ge=0.0, le=1.0)]
-Temperature = Annotated[float, Range(ge=0.0)]
-TopP = Annotated[float, Range(gt=0.0, le=1.0)]
-PromptIds = Annotated[list[TokenId], Len(1, MAX_PROMPT_IDS)]
-DraftIds = Annotated[list[TokenId], Len(0, MAX_DRAFT_TOKENS)]
-SparseIds = Annotated[list[Annotated[list[TokenId], Len(1, MAX_SPARSE_M)]],
-                      Len(0, MAX_DRAFT_TOKENS)]  # [k][m]
-SparseProbs = Annotated[list[Annotated[list[Prob], Len(1, MAX_SPARSE_M)]],
-                        Len(0, MAX_DRAFT_TOKENS)]  # [k][m]
-Scalar = int | float | str | bool | None
+Positive = Annotated[int, Meta(ge=1)]
+Seed = Annotated[int, Meta(ge=0)]  # msgpack carries up to 2**64 - 1
+KMax = Annotated[int, Meta(ge=1, le=MAX_DRAFT_TOKENS)]
+Finite = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+Ms = Annotated[float, Meta(ge=0.0, le=_FLOAT_MAX)]  # a duration in milliseconds
+PositiveMs = Annotated[float, Meta(gt=0.0, le=_FLOAT_MAX)]
+Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
+PromptIds = Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_PROMPT_IDS)]
+DraftIds = Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS)]
+SparseIds = Annotated[list[Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_SPARSE_M)]],
+                      Meta(max_length=MAX_DRAFT_TOKENS)]  # [k][m]
+SparseProbs = Annotated[list[Annotated[list[Prob], Meta(min_length=1, max_length=MAX_SPARSE_M)]],
+                        Meta(max_length=MAX_DRAFT_TOKENS)]  # [k][m]
+FeatureRows = Annotated[list[Annotated[list[Finite], Meta(min_length=len(DRAFT_FEATURES),
+                                                          max_length=len(DRAFT_FEATURES))]],
+                        Meta(max_length=MAX_DRAFT_TOKENS)]  # [k][F]
 Mode = Literal["wisp", "sled", "ucb", "centralized", "colocated"]
 FinishReason = Literal["eos", "length", "error"]
+SessionState = Literal["active", "finished", "closed"]
 MODES: tuple[str, ...] = get_args(Mode)
+SERVER_MODES: tuple[str, ...] = ("centralized", "colocated")  # served on wisp.server.generate
 
 
 def new_sid() -> str:
-    """A random 128-bit session id (DESIGN.md §10), safe in subjects and keys."""
+    """A random 128-bit session id, safe in subjects and keys."""
     return secrets.token_hex(16)
 
 
-# -- nested objects ---------------------------------------------------------------------------
-@dataclass(slots=True, kw_only=True)
-class Slo:
+class _Obj(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A nested object: a msgpack map with exactly these fields."""
+
+
+class _Message(_Obj, tag_field="type", tag=True, kw_only=True):
+    """A top-level payload: tagged with its class name, versioned."""
+
+    v: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if self.v != PROTOCOL_VERSION:
+            raise ValueError(f"unsupported protocol version {self.v!r}; this service speaks "
+                             f"{PROTOCOL_VERSION}")
+
+
+# -- values shared by several messages ----------------------------------------------------------
+class Slo(_Obj, frozen=True, kw_only=True):
     ttft_ms: PositiveMs
     tpot_ms: PositiveMs
 
 
-@dataclass(slots=True, kw_only=True)
-class Sampling:
-    """Wire form of :class:`common.sampling.SamplingParams` (same fields, same defaults)."""
+class SamplingParams(_Obj, frozen=True, kw_only=True):
+    """Decoding parameters shared by the draft (temperature, draft_top_m) and the target.
 
-    temperature: Temperature = 0.0
-    top_p: TopP = 1.0
-    top_k: Count = 0
-    draft_top_m: Annotated[int, Range(ge=1, le=MAX_SPARSE_M)] = 8
+    Every value in range works exactly (common.sampling handles the limits: a vanishing
+    temperature or top_p is the argmax, a huge temperature the uniform distribution)."""
 
-    def to_params(self) -> SamplingParams:
-        from common.sampling import SamplingParams
+    temperature: Annotated[float, Meta(ge=0.0, le=_FLOAT_MAX)] = 0.0  # 0 => greedy
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0  # 1 => off
+    top_k: Count = 0  # 0 => off
+    draft_top_m: Annotated[int, Meta(ge=1, le=MAX_SPARSE_M)] = 8
 
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              draft_top_m=self.draft_top_m)
+    def __post_init__(self) -> None:
+        # Structs built in Python skip Meta checks; these are the same rules.
+        t, p = self.temperature, self.top_p
+        if not _is_number(t) or not 0.0 <= t <= _FLOAT_MAX:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not _is_number(p) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.draft_top_m) or not 1 <= self.draft_top_m <= MAX_SPARSE_M:
+            raise ValueError(f"draft_top_m must be an integer in [1, {MAX_SPARSE_M}], got "
+                             f"{self.draft_top_m!r}")
 
-    @classmethod
-    def from_params(cls, params: SamplingParams) -> Sampling:
-        return cls(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                   draft_top_m=params.draft_top_m)
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
-@dataclass(slots=True, kw_only=True)
-class GenerateTimings:
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class VocabInfo(_Obj, frozen=True, kw_only=True):
+    """A model's vocabulary as peers compare it: size and a digest of the token table
+    (common.models.vocab.vocab_info)."""
+
+    size: Positive
+    digest: Annotated[str, Meta(pattern="^[0-9a-f]{16}$")]
+
+
+class ModelLimits(_Obj, frozen=True, kw_only=True):
+    """What a verifier can take, advertised in its heartbeat and checked at session open."""
+
+    vocab: VocabInfo
+    k_max: KMax
+    max_context: Positive  # prompt + output + k_max must fit
+    max_prompt_tokens: Positive
+
+
+class SessionSpec(_Obj, frozen=True, kw_only=True):
+    """What a session is, fixed for its life: the same value at the edge, on the wire, in
+    Redis and in both cores."""
+
+    sid: Id
+    mode: Mode
+    max_new_tokens: Positive
+    sampling: SamplingParams = SamplingParams()
+    seed: Seed | None = None  # None: each process draws its own generator seed
+    k_max: KMax = 8
+    slo: Slo | None = None
+    device_id: Name = "unknown"
+
+
+class GenerateTimings(_Obj, kw_only=True):
     ttft_ms: Ms
     tpot_ms: Ms
     e2e_ms: Ms
 
 
-@dataclass(slots=True, kw_only=True)
-class GenerateStats:
-    rounds: Count
-    drafted: Count
-    accepted: Count
+class GenerateStats(_Obj, kw_only=True):
+    rounds: Count = 0
+    drafted: Count = 0
+    accepted: Count = 0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.accepted > self.drafted:
             raise ValueError(f"accepted ({self.accepted}) exceeds drafted ({self.drafted})")
 
 
-@dataclass(slots=True, kw_only=True)
-class ErrorInfo:
-    code: ErrorCode
+class ErrorInfo(_Obj, kw_only=True):
+    code: Name  # an ErrorCode value; a code this build does not know reads as INTERNAL
     message: str
 
 
-# -- SDK <-> edge-drafter / admission-scheduler ----------------------------------------------
-@dataclass(slots=True, kw_only=True)
-class GenerateRequest:
+# -- SDK <-> edge-drafter / admission-scheduler --------------------------------------------------
+class GenerateRequest(_Message, kw_only=True):
     """Start a generation: give exactly one of ``prompt`` (text) or ``prompt_ids``."""
 
     max_new_tokens: Positive
     mode: Mode = "wisp"
-    prompt: Annotated[str, Len(1, MAX_PROMPT_CHARS)] | None = None
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_BYTES)] | None = None
     prompt_ids: PromptIds | None = None
     slo: Slo | None = None
-    temperature: Temperature = 0.0
-    top_p: TopP = 1.0
-    top_k: Count = 0
+    sampling: SamplingParams = SamplingParams()
     seed: Seed | None = None
     k_max: KMax | None = None  # None: the edge's default
     policy: Name | None = None  # draft-length policy; None: the mode's default
@@ -214,16 +270,18 @@ class GenerateRequest:
     # come from Redis; the stream restarts at output index 0 (the client skips what it has).
     resume_sid: Id | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
         if self.resume_sid is not None and self.prompt is None and self.prompt_ids is None:
             return
         if (self.prompt is None) == (self.prompt_ids is None):
             raise ValueError("give exactly one of prompt (text) and prompt_ids, "
                              + ("not both" if self.prompt is not None else "got neither"))
+        if self.prompt is not None and len(self.prompt.encode()) > MAX_PROMPT_BYTES:
+            raise ValueError(f"prompt is over {MAX_PROMPT_BYTES} bytes of UTF-8")
 
 
-@dataclass(slots=True, kw_only=True)
-class TokenChunk:
+class TokenChunk(_Message, kw_only=True):
     """Streamed to the request's reply inbox; ``index`` is that of token_ids[0] in the output."""
 
     sid: Id
@@ -232,8 +290,7 @@ class TokenChunk:
     text: str
 
 
-@dataclass(slots=True, kw_only=True)
-class GenerateDone:
+class GenerateDone(_Message, kw_only=True):
     """Last message of a stream. ``error`` only with finish_reason "error"."""
 
     sid: Id
@@ -243,188 +300,250 @@ class GenerateDone:
     stats: GenerateStats
     error: ErrorInfo | None = None
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
         if self.error is not None and self.finish_reason != "error":
             raise ValueError(f"error is set but finish_reason is {self.finish_reason!r}")
 
 
-# -- edge-drafter <-> admission-scheduler ----------------------------------------------------
-@dataclass(slots=True, kw_only=True)
-class SessionOpen:
-    sid: Id
-    mode: Mode
+# -- edge-drafter <-> admission-scheduler --------------------------------------------------------
+class SessionOpen(_Message, kw_only=True):
+    """Register a session. ``vocab`` is the opener's vocabulary (its draft model, or the
+    server's tokenizer): a verifier with another vocabulary is never chosen."""
+
+    spec: SessionSpec
     prompt_ids: PromptIds
-    max_new_tokens: Positive
-    device_id: Name
-    k_max: KMax
-    sampling: Sampling = field(default_factory=Sampling)
-    seed: Seed | None = None
-    slo: Slo | None = None
-
-    def to_spec(self, committed_output: list[int] | None = None) -> SessionSpec:
-        from services.gpu_verifier.core import SessionSpec
-
-        return SessionSpec(sid=self.sid, prompt_ids=list(self.prompt_ids),
-                           max_new_tokens=self.max_new_tokens,
-                           params=self.sampling.to_params(), seed=self.seed,
-                           committed_output=list(committed_output or []))
+    vocab: VocabInfo
 
 
-@dataclass(slots=True, kw_only=True)
-class SessionOpened:
+class SessionOpened(_Message, kw_only=True):
     sid: Id
     verifier_id: Id
     committed_len: Count
 
 
-@dataclass(slots=True, kw_only=True)
-class SessionClose:
+class SessionClose(_Message, kw_only=True):
     sid: Id
 
 
-@dataclass(slots=True, kw_only=True)
-class SessionClosed:
+class SessionClosed(_Message, kw_only=True):
     sid: Id
 
 
-@dataclass(slots=True, kw_only=True)
-class VerifyRequest:
+class VerifyRequest(_Message, kw_only=True):
     """One round of one session. ``budget_ms``: how long the edge can still wait for the
-    result (DESIGN.md §6); it may be negative when the round is already late."""
+    result (docs/architecture.md, "Deadlines"); it may be negative when the round is late.
+
+    When sampling, each drafted position carries the draft's sparse top-m distribution; it is
+    checked here once (one row per drafted token, ids unique per row, probabilities summing to
+    1, the drafted token among its row's ids with probability > 0) and trusted downstream.
+    ``draft_features`` [k][F] (columns DRAFT_FEATURES) are what the draft policy saw."""
 
     sid: Id
     round: Count
     base_len: Count
     draft_ids: DraftIds  # [k]
-    budget_ms: float
+    budget_ms: Finite
     draft_ms: Ms
     device_id: Name
     draft_sparse_ids: SparseIds | None = None  # [k][m], sampling only
     draft_sparse_probs: SparseProbs | None = None  # [k][m], sampling only
+    draft_features: FeatureRows | None = None  # [k][F]
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        k = len(self.draft_ids)
+        if self.draft_features is not None and len(self.draft_features) != k:
+            raise ValueError(f"draft_features has {len(self.draft_features)} rows; it needs "
+                             f"one per drafted token ({k})")
         ids, probs = self.draft_sparse_ids, self.draft_sparse_probs
         if (ids is None) != (probs is None):
             raise ValueError("draft_sparse_ids and draft_sparse_probs must both be given or "
                              "both be absent")
         if ids is None or probs is None:
             return
-        k = len(self.draft_ids)
         for name, rows in (("draft_sparse_ids", ids), ("draft_sparse_probs", probs)):
             if len(rows) != k:
-                raise ValueError(f"{name} has {len(rows)} rows; it needs one row per drafted "
+                raise ValueError(f"{name} has {len(rows)} rows; it needs one per drafted "
                                  f"token ({k})")
-        for i, (row_ids, row_probs) in enumerate(zip(ids, probs, strict=True)):
-            if len(row_ids) != len(row_probs):
-                raise ValueError(f"row {i}: draft_sparse_ids has {len(row_ids)} entries but "
-                                 f"draft_sparse_probs has {len(row_probs)}")
-
-    def to_item(self) -> VerifyItem:
-        from services.gpu_verifier.core import VerifyItem
-
-        return VerifyItem(sid=self.sid, round=self.round, base_len=self.base_len,
-                          draft_ids=list(self.draft_ids),
-                          draft_sparse_ids=self.draft_sparse_ids,
-                          draft_sparse_probs=self.draft_sparse_probs)
-
-    @classmethod
-    def from_draft(cls, draft: Any, *, round: int, budget_ms: float,
-                   device_id: str) -> VerifyRequest:
-        """From an edge ``services.edge_drafter.core.Draft``."""
-        return cls(sid=draft.sid, round=round, base_len=draft.base_len,
-                   draft_ids=list(draft.token_ids), budget_ms=budget_ms,
-                   draft_ms=draft.draft_time_s * 1000.0, device_id=device_id,
-                   draft_sparse_ids=draft.sparse_ids, draft_sparse_probs=draft.sparse_probs)
+        width = len(ids[0]) if k else 0
+        for i, (token, row_ids, row_probs) in enumerate(zip(self.draft_ids, ids, probs,
+                                                            strict=True)):
+            if len(row_ids) != width or len(row_probs) != width:
+                raise ValueError(f"row {i}: every sparse row needs the same number of ids and "
+                                 f"probabilities ({width}); got {len(row_ids)} and "
+                                 f"{len(row_probs)}")
+            if len(set(row_ids)) != width:
+                raise ValueError(f"row {i}: draft_sparse_ids holds duplicate ids")
+            if abs(math.fsum(row_probs) - 1.0) > PROB_SUM_TOL:
+                raise ValueError(f"row {i}: draft_sparse_probs sums to "
+                                 f"{math.fsum(row_probs):.6g}, not 1 (+-{PROB_SUM_TOL})")
+            if token not in row_ids or row_probs[row_ids.index(token)] <= 0.0:
+                raise ValueError(f"row {i}: drafted token {token} is not in its sparse "
+                                 "distribution with probability > 0")
 
 
-@dataclass(slots=True, kw_only=True)
-class VerifyResult:
+class VerifyResult(_Message, kw_only=True):
+    """The verdict on one round; what Redis stores as the round's answer for retries."""
+
     sid: Id
     round: Count
     num_drafted: Count
     num_accepted: Count
-    new_tokens: Annotated[list[TokenId], Len(0, MAX_DRAFT_TOKENS + 1)]
+    new_tokens: Annotated[list[TokenId], Meta(max_length=MAX_DRAFT_TOKENS + 1)]
     committed_len: Count
     finished: bool
-    queue_ms: Ms
-    batch_ms: Ms
-    batch_size: Positive
+    queue_ms: Ms = 0.0
+    batch_ms: Ms = 0.0
+    batch_size: Count = 0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
         if self.num_accepted > self.num_drafted:
             raise ValueError(f"num_accepted ({self.num_accepted}) exceeds num_drafted "
                              f"({self.num_drafted})")
 
-    @classmethod
-    def from_outcome(cls, outcome: VerifyOutcome, queue_ms: float, batch_ms: float,
-                     batch_size: int) -> VerifyResult:
-        return cls(sid=outcome.sid, round=outcome.round, num_drafted=outcome.num_drafted,
-                   num_accepted=outcome.num_accepted, new_tokens=list(outcome.new_tokens),
-                   committed_len=outcome.committed_len, finished=outcome.finished,
-                   queue_ms=queue_ms, batch_ms=batch_ms, batch_size=batch_size)
 
-
-# -- admission-scheduler <-> gpu-verifier ----------------------------------------------------
-@dataclass(slots=True, kw_only=True)
-class BatchEntry:
+# -- admission-scheduler <-> gpu-verifier --------------------------------------------------------
+class BatchEntry(_Obj, kw_only=True):
     request: VerifyRequest
     reply_to: Inbox  # the edge's reply inbox: the verifier answers there directly
-    deadline_ms: float  # absolute, on the scheduler's clock
 
 
-@dataclass(slots=True, kw_only=True)
-class VerifierBatch:
+class VerifierBatch(_Message, kw_only=True):
     batch_id: Id
-    items: Annotated[list[BatchEntry], Len(1, MAX_BATCH_ENTRIES)]
+    items: Annotated[list[BatchEntry], Meta(min_length=1, max_length=MAX_BATCH_ENTRIES)]
 
 
-@dataclass(slots=True, kw_only=True)
-class BatchDone:
-    """Estimator feedback (DESIGN.md §6); also tells the scheduler the verifier is free."""
+class SessionLength(_Obj, kw_only=True):
+    """A session as a verifier holds it after a batch: committed tokens, and how many of them
+    have KV in its cache (less after an eviction; 0 once freed)."""
+
+    sid: Id
+    committed_len: Count
+    cached_len: Count
+
+
+class BatchDone(_Message, kw_only=True):
+    """Sent when a batch's forward pass ends (before its commits and replies): estimator
+    feedback with the batch's shape, the verifier is ready for more, and where each session
+    of the batch now stands."""
 
     verifier_id: Id
     batch_id: Id
-    batch_ms: Ms
+    batch_ms: Ms  # the forward (core call) alone
     size: Count
     num_linear: Count  # new tokens fed
-    num_interactions: Count  # Σ new × (cached + new)
-    num_cached: Count  # Σ cached tokens read
+    num_interactions: Count  # sum of new x (cached + new)
+    num_cached: Count  # sum of cached tokens read
+    sessions: list[SessionLength] = []
 
 
-@dataclass(slots=True, kw_only=True)
-class Heartbeat:
+class Heartbeat(_Message, kw_only=True):
     verifier_id: Id
     model: Name
     hardware: Name
     free_blocks: Count
     total_blocks: Count
+    block_size: Positive
     num_sessions: Count
-    ts_ms: float
+    limits: ModelLimits
+    ts_ms: Finite
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
         if self.free_blocks > self.total_blocks:
             raise ValueError(f"free_blocks ({self.free_blocks}) exceeds total_blocks "
                              f"({self.total_blocks})")
 
 
-# -- events, predictor, errors ---------------------------------------------------------------
-@dataclass(slots=True, kw_only=True)
-class Event:
-    kind: Id
-    ts_ms: float
+# -- events (wisp.events.{kind}) -----------------------------------------------------------------
+class _Event(_Message, kw_only=True):
+    ts_ms: Finite  # sender's wall clock
+
+
+class RequestEvent(_Event, tag="request", kw_only=True):
+    """A generation ended (edge-drafter, or the scheduler for server-side modes)."""
+
+    sid: Id
+    mode: Mode
+    num_tokens: Count
+    timings: GenerateTimings
+    slo: Slo | None
+    stats: GenerateStats
+    finish_reason: FinishReason
+
+
+class RoundEvent(_Event, tag="round", kw_only=True):
+    """One round as the edge saw it."""
+
+    sid: Id
+    mode: Mode
+    round: Count
+    drafted: Count
+    accepted: Count
+    committed: Count  # tokens the round added (accepted drafts + the target's, cut at the end)
+    draft_ms: Ms
+    wasted_draft_ms: Ms  # drafting time of the rejected tokens (WDT)
+    rtt_ms: Ms
+    budget_ms: Finite
+    batch_size: Count
+
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        if self.accepted > self.drafted:
+            raise ValueError(f"accepted ({self.accepted}) exceeds drafted ({self.drafted})")
+
+
+class VerdictEvent(_Event, tag="verdict", kw_only=True):
+    """One verified round as the verifier saw it: the features of each drafted token (what the
+    edge's policy read) with the verdict, the predictor's training data from live traffic."""
+
+    sid: Id
+    round: Count
+    device_id: Name
+    greedy: bool
+    num_drafted: Count
+    num_accepted: Count
+    draft_features: FeatureRows | None  # [k][F], None when the edge sent none
+
+    def __post_init__(self) -> None:
+        _Message.__post_init__(self)
+        if self.num_accepted > self.num_drafted:
+            raise ValueError(f"num_accepted ({self.num_accepted}) exceeds num_drafted "
+                             f"({self.num_drafted})")
+        if self.draft_features is not None and len(self.draft_features) != self.num_drafted:
+            raise ValueError(f"draft_features has {len(self.draft_features)} rows for "
+                             f"{self.num_drafted} drafted tokens")
+
+
+class BatchEvent(_Event, tag="batch", kw_only=True):
+    verifier_id: Id
+    batch_id: Id
+    size: Count
+    batch_ms: Ms
+    num_linear: Count
+    num_interactions: Count
+    num_cached: Count
+    queue_depth: Count  # batches received and not yet started
+
+
+class ErrorEvent(_Event, tag="error", kw_only=True):
+    service: Name
+    code: Name  # an ErrorCode value
     sid: Id | None = None
-    fields: dict[str, Scalar] = field(default_factory=dict)
 
 
-@dataclass(slots=True, kw_only=True)
-class PredictorUpdated:
+AnyEvent = RequestEvent | RoundEvent | VerdictEvent | BatchEvent | ErrorEvent
+
+
+class PredictorUpdated(_Message, kw_only=True):
     version: Count
-    object_name: Annotated[str, Len(1, 256)]
+    object_name: Annotated[str, Meta(min_length=1, max_length=256)]
     sha256: Sha256
 
 
-@dataclass(slots=True, kw_only=True)
-class ErrorReply:
+class ErrorReply(_Message, kw_only=True):
     error: ErrorInfo
 
     @classmethod
@@ -435,135 +554,97 @@ class ErrorReply:
         return cls(error=ErrorInfo(code=err.code, message=message))
 
     def to_error(self) -> WispError:
-        return WispError(self.error.code, self.error.message)
+        code, message = self.error.code, self.error.message
+        if code not in ErrorCode.__members__.values():
+            # A code from a newer peer: keep its words rather than calling the reply malformed.
+            return WispError(ErrorCode.INTERNAL, f"peer error {code!r}: {message}")
+        return WispError(ErrorCode(code), message)
 
 
-# -- codec ------------------------------------------------------------------------------------
+# -- codec --------------------------------------------------------------------------------------
 M = TypeVar("M")
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
 
 
 def encode(msg: Any) -> bytes:
-    """msgpack bytes of a message, checked like :func:`decode` checks them."""
-    cls = type(msg)
-    try:
-        wire = converter_for(cls)(msg, False)
-    except Invalid as exc:
-        raise exc.to_error(cls.__name__, "cannot encode ") from None
-    data = msgpack.packb({"v": PROTOCOL_VERSION, **wire}, use_bin_type=True)
+    """msgpack bytes of a message. Cross-field rules ran when ``msg`` was built; field
+    constraints are the receiver's to check (:func:`checked` builds with them)."""
+    data = _encoder.encode(msg)
     if len(data) > MAX_PAYLOAD_BYTES:
         raise WispError(ErrorCode.BAD_REQUEST,
-                        f"cannot encode {cls.__name__}: {len(data)} bytes exceed the payload "
-                        f"limit of {MAX_PAYLOAD_BYTES}")
+                        f"cannot encode {type(msg).__name__}: {len(data)} bytes exceed the "
+                        f"payload limit of {MAX_PAYLOAD_BYTES}")
     return data
 
 
+def checked(msg: M) -> M:
+    """``msg`` after the checks a receiver would make (field constraints included), so that a
+    sender can fail early: ``WispError(BAD_REQUEST)`` naming the field."""
+    return decode(type(msg), encode(msg))
+
+
 def decode(cls: type[M], data: bytes) -> M:
-    """The message of type ``cls`` in ``data``; ``WispError(BAD_REQUEST)`` for anything wrong."""
-    return from_dict(cls, _unpack(data))
+    """The message of type ``cls`` (a class or a union of tagged classes) in ``data``;
+    ``WispError(BAD_REQUEST)`` for anything wrong."""
+    _check_size(data)
+    try:
+        return _decoder(cls).decode(data)
+    except msgspec.ValidationError as exc:
+        raise WispError(ErrorCode.BAD_REQUEST, f"{_name(cls)}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, RecursionError...
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise WispError(ErrorCode.BAD_REQUEST,
+                        f"payload is not valid msgpack ({detail[:200]})") from None
 
 
-def decode_reply(cls: type[M] | tuple[type, ...], data: bytes) -> M:
-    """A reply of type ``cls`` (or of one of the types in a tuple, told apart by their
-    required fields: ``decode_reply((TokenChunk, GenerateDone), data)``); an error reply is
-    raised as the ``WispError`` it carries."""
-    obj = _unpack(data)
-    if obj.keys() == {"v", "error"}:
-        raise _error_from_map(obj)
-    if isinstance(cls, tuple):
-        cls = _pick_class(cls, obj)
-    return from_dict(cls, obj)  # type: ignore[arg-type]
+class MalformedReply(WispError):
+    """A reply that is neither the expected message nor an error reply."""
+
+
+def decode_reply(cls: Any, data: bytes) -> Any:
+    """A reply of type ``cls`` (or of one of the tagged classes of a tuple); an error reply is
+    raised as the ``WispError`` it carries, a malformed one as `MalformedReply`."""
+    union = cls if not isinstance(cls, tuple) else _union(cls)
+    try:
+        reply = decode(union | ErrorReply, data)
+    except WispError as err:
+        raise MalformedReply(err.code, err.message) from None
+    if isinstance(reply, ErrorReply):
+        raise reply.to_error()
+    return reply
 
 
 def error_reply(err: WispError) -> bytes:
     return encode(ErrorReply.from_error(err))
 
 
-def to_dict(msg: Any) -> dict[str, Any]:
-    """The wire map of a message (with ``v``), checked, without packing it."""
-    cls = type(msg)
-    try:
-        return {"v": PROTOCOL_VERSION, **converter_for(cls)(msg, False)}
-    except Invalid as exc:
-        raise exc.to_error(cls.__name__, "cannot encode ") from None
-
-
-def from_dict(cls: type[M], obj: Any) -> M:
-    """A message from an already unpacked wire map (with ``v``)."""
-    if not is_dataclass(cls):
-        raise TypeError(f"{cls!r} is not a protocol message class")
-    if not isinstance(obj, dict):
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        f"{cls.__name__}: payload must be a msgpack map, got {type_name(obj)}")
-    if "v" not in obj:
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        f"{cls.__name__}: missing field 'v' (protocol version)")
-    version = obj["v"]
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        f"{cls.__name__}: unsupported protocol version {short_repr(version)}; "
-                        f"this service speaks {PROTOCOL_VERSION}")
-    body = {k: v for k, v in obj.items() if k != "v"}
-    try:
-        return converter_for(cls)(body, True)
-    except Invalid as exc:
-        raise exc.to_error(cls.__name__) from None
-
-
-def _refuse_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack ext type {code} is not accepted")
-
-
-def _unpack(data: Any) -> dict:
+def _check_size(data: Any) -> None:
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise WispError(ErrorCode.BAD_REQUEST, f"payload must be bytes, got {type_name(data)}")
+        raise WispError(ErrorCode.BAD_REQUEST, f"payload must be bytes, got "
+                        f"{type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size == 0:
         raise WispError(ErrorCode.BAD_REQUEST, "payload is empty")
     if size > MAX_PAYLOAD_BYTES:
         raise WispError(ErrorCode.BAD_REQUEST,
                         f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}")
-    try:
-        # Container and string lengths are capped at len(data) by unpackb itself.
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
-                              ext_hook=_refuse_ext)
-    except msgpack.ExtraData:
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        "payload is not one msgpack object: extra bytes after it") from None
-    except Exception as exc:  # FormatError, StackError, ValueError, UnicodeDecodeError, ...
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise WispError(ErrorCode.BAD_REQUEST, f"payload is not valid msgpack ({detail})") from exc
-    if not isinstance(obj, dict):
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        f"payload must be a msgpack map, got {type_name(obj)}")
-    return obj
 
 
-def _error_from_map(obj: dict) -> WispError:
-    info = obj["error"]
-    code = info.get("code") if isinstance(info, dict) else None
-    if (type(obj["v"]) is int and obj["v"] == PROTOCOL_VERSION and isinstance(code, str)
-            and code not in {c.value for c in ErrorCode}):
-        # A code from a newer peer: keep its words rather than calling the reply malformed.
-        message = info.get("message")
-        return WispError(ErrorCode.INTERNAL,
-                         f"peer error {short_repr(code)}: {message if isinstance(message, str) else ''}")
-    return from_dict(ErrorReply, obj).to_error()
+def _decoder(cls: Any) -> msgspec.msgpack.Decoder:
+    dec = _decoders.get(cls)
+    if dec is None:
+        dec = _decoders[cls] = msgspec.msgpack.Decoder(cls)
+    return dec
 
 
-def _pick_class(classes: tuple[type, ...], obj: dict) -> type:
-    keys = set(obj)
-    matching = [c for c in classes if required_fields(c) <= keys]
-    if len(matching) == 1:
-        return matching[0]
-    if matching:  # the one whose every field is explained by the map's keys
-        exact = [c for c in matching if keys - {"v"} <= field_names(c)]
-        if len(exact) == 1:
-            return exact[0]
-        raise WispError(ErrorCode.BAD_REQUEST,
-                        f"payload matches more than one of {_names(classes)}")
-    # None matches: report against the closest so the message names what is missing.
-    return max(classes, key=lambda c: len(field_names(c) & keys))
+def _union(classes: tuple[type, ...]) -> Any:
+    union = classes[0]
+    for c in classes[1:]:
+        union = union | c
+    return union
 
 
-def _names(classes: tuple[type, ...]) -> str:
-    return ", ".join(c.__name__ for c in classes)
+def _name(cls: Any) -> str:
+    args = get_args(cls)
+    return " | ".join(_name(a) for a in args) if args else getattr(cls, "__name__", str(cls))

@@ -12,6 +12,16 @@ Exactness contract:
   ``norm(max(0, p - q))``; if all k drafts are accepted, emit a bonus token from p at position
   k + 1 (:func:`speculative_accept`).
 
+Every value of :class:`SamplingParams` works exactly, the limits included: a vanishing
+temperature or top-p leaves the argmax (ties share), a huge temperature the uniform
+distribution; nothing overflows into NaN.
+
+Inputs are trusted: a draft distribution that arrives over the wire was checked once, at the
+boundary (``common.protocol.VerifyRequest``: ids unique and within the vocabulary, rows summing
+to 1, the drafted token in its row with q > 0). What is checked here is what no boundary can
+vouch for: shapes (programming errors) and non-finite logits (a model gone bad), raised as
+``ValueError`` so that the caller can fail that one request alone.
+
 Every random draw takes its uniforms from the caller's ``torch.Generator`` (on the generator's
 own device, then moved), so a seeded generator reproduces a run whatever device the
 probabilities live on.  Sampling is inverse-CDF on float64 cumulative sums rather than
@@ -20,17 +30,16 @@ probabilities live on.  Sampling is inverse-CDF on float64 cumulative sums rathe
 
 from __future__ import annotations
 
-import math
-import numbers
+import hashlib
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from common.protocol import SamplingParams
+
 __all__ = [
-    "PROB_SUM_TOL",
     "RESIDUAL_EPS",
     "SamplingParams",
     "densify_sparse",
@@ -39,14 +48,11 @@ __all__ = [
     "residual_distribution",
     "sample_probs",
     "sample_sparse",
+    "session_seed",
     "speculative_accept",
     "speculative_accept_batch",
     "target_probs",
 ]
-
-# Probability rows coming over the wire are float32 rounded to JSON/msgpack floats; 1e-3 is
-# far looser than that rounding yet still catches logits, log-probs or unnormalised weights.
-PROB_SUM_TOL = 1e-3
 
 # Below this residual mass, max(0, p - q) is float noise rather than a distribution; see
 # residual_distribution for why falling back to p keeps the output exact.
@@ -57,38 +63,21 @@ RESIDUAL_EPS = 1e-6
 _TOP_P_TOL = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Decoding parameters shared by the draft (temperature, draft_top_m) and the target."""
+def session_seed(seed: int | None, num_committed: int, prompt_len: int) -> int | None:
+    """The generator seed of a session (re)opened with ``num_committed`` tokens.
 
-    temperature: float = 0.0  # 0 => greedy
-    top_p: float = 1.0  # (0, 1]; 1 => off
-    top_k: int = 0  # 0 => off
-    draft_top_m: int = 8  # size of the draft's sparse distribution (>= 1)
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not _is_real(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        p = self.top_p
-        if not _is_real(p) or not (0.0 < p <= 1.0):  # also rejects NaN
-            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_int(self.draft_top_m) or self.draft_top_m < 1:
-            raise ValueError(f"draft_top_m must be an integer >= 1, got {self.draft_top_m!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    At the start of a session it is the session's own seed. A session rebuilt mid-way must not
+    restart the seed's stream: its first uniforms already decided the committed rounds, so
+    reusing them would correlate new decisions with old ones. It gets a fresh stream derived
+    from (seed, committed length) instead, the same on every process. None: no seed was given
+    (each process draws a random one).
+    """
+    if seed is None:
+        return None
+    if num_committed <= prompt_len:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{num_committed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 # -- validation helpers ---------------------------------------------------------------------
@@ -110,37 +99,6 @@ def _check_float(name: str, t: Tensor) -> None:
 def _check_int(name: str, t: Tensor) -> None:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-
-
-def _check_ids_in_range(name: str, ids: Tensor, vocab_size: int | None) -> None:
-    if ids.numel() == 0:
-        return
-    bad = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
-    if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())
-        bound = "[0, inf)" if vocab_size is None else f"[0, {vocab_size})"
-        raise ValueError(f"{name} holds id {int(ids[where])} at {where}, outside {bound}")
-
-
-def _check_distribution(name: str, probs: Tensor) -> Tensor:
-    """probs [..., N]: every row must be non-negative, finite and sum to 1 (+- PROB_SUM_TOL).
-
-    Returns the row sums [...] in the work dtype (reused for renormalisation).
-    """
-    sums = probs.sum(-1, dtype=_work_dtype(probs.device))  # [...]
-    if probs.numel() == 0:
-        return sums
-    # Two reductions instead of elementwise masks: amin is NaN if any entry is NaN (and NaN
-    # fails `>= 0`); an +inf entry makes its row sum non-finite.
-    if not (float(probs.amin()) >= 0 and bool(torch.isfinite(sums).all())):
-        raise ValueError(f"{name} holds negative, NaN or infinite probabilities")
-    bad = (sums - 1.0).abs() > PROB_SUM_TOL
-    if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"{name} rows must sum to 1 (+-{PROB_SUM_TOL}); row {where} sums to "
-            f"{float(sums[where]):.6g}")
-    return sums
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -179,7 +137,15 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
 
 
 def _probs_from_logits(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    probs = torch.softmax(logits.to(dtype) / temperature, dim=-1)
+    """softmax(logits / temperature) per row, for any temperature > 0.
+
+    The row maximum is subtracted *before* dividing, so every scaled logit is <= 0 and none
+    can overflow: a vanishing temperature sends the others to -inf (the argmax, ties shared),
+    a huge one sends all to 0 (uniform). Dividing first would turn 1e-300 into inf - inf = NaN.
+    """
+    x = logits.to(dtype)
+    top = x.amax(-1, keepdim=True)  # [n, 1]
+    probs = torch.softmax((x - top) / temperature, dim=-1)
     if not bool(torch.isfinite(probs).all()):
         raise ValueError("logits hold NaN or +inf, or a row is entirely -inf")
     return probs
@@ -255,7 +221,9 @@ def _top_p_sorted(sorted_p: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         return sorted_p
     mass_before = sorted_p.cumsum(-1) - sorted_p  # exclusive cumsum; 0 for the top token
-    kept = sorted_p * (mass_before < top_p - _TOP_P_TOL)
+    keep = mass_before < top_p - _TOP_P_TOL
+    keep[:, 0] = True  # the top token survives any top_p, however small (else 0/0 = NaN)
+    kept = sorted_p * keep
     return kept / kept.sum(-1, keepdim=True)
 
 
@@ -298,7 +266,6 @@ def sample_probs(probs: Tensor, generator: torch.Generator) -> Tensor:
     _check_float("probs", probs)
     if probs.shape[1] == 0:
         raise ValueError("probs must have a non-empty vocabulary dimension")
-    _check_distribution("probs", probs)
     dtype = _work_dtype(probs.device)
     u = _uniforms((probs.shape[0],), generator, probs.device, dtype)
     return _inverse_cdf(probs.to(dtype), u)
@@ -317,8 +284,6 @@ def sample_sparse(ids: Tensor, probs: Tensor, generator: torch.Generator) -> Ten
             f"{tuple(probs.shape)}")
     if probs.shape[1] == 0:
         raise ValueError("sparse distributions need m >= 1 entries")
-    _check_ids_in_range("ids", ids, None)
-    _check_distribution("probs", probs)
     dtype = _work_dtype(probs.device)
     u = _uniforms((probs.shape[0],), generator, probs.device, dtype)
     col = _inverse_cdf(probs.to(dtype), u)  # [n] column within each sparse row
@@ -342,12 +307,8 @@ def greedy_accept(draft_ids: Sequence[int], target_logits: Tensor) -> tuple[int,
         raise ValueError(
             f"target_logits must have k+1 = {k + 1} rows for {k} draft tokens, got "
             f"{target_logits.shape[0]}")
-    vocab = target_logits.shape[1]
-    if vocab == 0:
+    if target_logits.shape[1] == 0:
         raise ValueError("target_logits must have a non-empty vocabulary dimension")
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab:
-            raise ValueError(f"draft_ids[{i}] = {t} is outside [0, {vocab})")
     if bool(torch.isnan(target_logits).any()):
         raise ValueError("target_logits hold NaN")
     best = target_logits.argmax(-1).tolist()  # [k+1]; one device sync
@@ -442,6 +403,10 @@ def speculative_accept_batch(draft_ids: Tensor, draft_sparse_ids: Tensor,
     Draws a [B, k+1] block of uniforms: column i < k decides acceptance at position i, column k
     samples the final token (residual or bonus).  Uniforms past the first rejection go unused;
     they are independent of everything used, so drawing them up front costs no exactness.
+
+    Trusted inputs (see the module docstring): each sparse row holds unique ids within the
+    vocabulary, sums to 1, and gives its drafted id a probability > 0; target_p rows are
+    distributions (target_probs makes them).
     """
     _check_tensor("draft_ids", draft_ids, 2, "[B, k]")
     _check_tensor("draft_sparse_ids", draft_sparse_ids, 3, "[B, k, m]")
@@ -474,36 +439,16 @@ def speculative_accept_batch(draft_ids: Tensor, draft_sparse_ids: Tensor,
     draft = draft_ids.to(device=device, dtype=torch.int64)  # [B, k]
     sp_ids = draft_sparse_ids.to(device=device, dtype=torch.int64)  # [B, k, m]
     sp_probs = draft_sparse_probs.to(device)  # [B, k, m]
-    _check_ids_in_range("draft_ids", draft, vocab)
-    _check_ids_in_range("draft_sparse_ids", sp_ids, vocab)
-    p_sums = _check_distribution("target_p", target_p)  # [B, k+1]
-    q_sums = _check_distribution("draft_sparse_probs", sp_probs)  # [B, k]
-    if k > 0 and m > 1:
-        sorted_ids = sp_ids.sort(-1).values
-        dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(-1)  # [B, k]
-        if bool(dup.any()):
-            where = tuple(dup.nonzero()[0].tolist())
-            raise ValueError(f"draft_sparse_ids row {where} holds duplicate ids")
-
-    dtype = p_sums.dtype
+    dtype = _work_dtype(device)
+    p_sums = target_p.sum(-1, dtype=dtype)  # [B, k+1]
+    q_sums = sp_probs.sum(-1, dtype=dtype)  # [B, k]
     # Renormalise in the work dtype so acceptance ratios and residuals see exact
     # distributions.  p is only ever read at a few entries plus one row per batch item, so it
     # is divided lazily there rather than copied whole into the work dtype.
     q = sp_probs.to(dtype) / q_sums.unsqueeze(-1)  # [B, k, m]
 
     match = sp_ids == draft.unsqueeze(-1)  # [B, k, m]: where each drafted id sits in its row
-    missing = ~match.any(-1)  # [B, k]
-    if bool(missing.any()):
-        b, i = missing.nonzero()[0].tolist()
-        raise ValueError(
-            f"draft token {int(draft[b, i])} (batch {b}, position {i}) is not among the draft's "
-            "sparse ids for that position, so q(x) is unknown")
-    qx = (q * match).sum(-1)  # [B, k]: q(x_i)
-    if bool((qx <= 0).any()):
-        b, i = (qx <= 0).nonzero()[0].tolist()
-        raise ValueError(
-            f"draft token {int(draft[b, i])} (batch {b}, position {i}) has draft probability 0, "
-            "so the draft could not have sampled it")
+    qx = (q * match).sum(-1)  # [B, k]: q(x_i) > 0 (checked at the boundary)
     px = target_p[:, :k].gather(-1, draft.unsqueeze(-1)).squeeze(-1).to(dtype)
     px = px / p_sums[:, :k]  # [B, k]: p(x_i)
 

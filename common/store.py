@@ -1,22 +1,29 @@
-"""Redis as the owner of session state (DESIGN.md §3, §5).
+"""Redis as the owner of session state (docs/architecture.md, "Redis keys").
 
-`wisp:sess:{sid}` (hash) holds session metadata, `wisp:sess:{sid}:tokens` (list) the committed
+`wisp:sess:{sid}` (hash) holds a session's record, `wisp:sess:{sid}:tokens` (list) its committed
 tokens (prompt + accepted output). Rounds are committed by one Lua script that appends only if
 the round's base length equals the stored committed length, so a retried or duplicated round can
 never be applied twice, and a round from a stale view is refused rather than silently applied.
 The last round's result is stored beside the tokens so that any verifier — including one that
 took over from a dead one — answers a retry of that round with the same result.
+
+The hash is the record's fields, one hash field each: ``spec`` (the session's `SessionSpec` as
+JSON: mode, SLO, device, sampling, seed, k_max) and ``vocab`` (JSON), then ``prompt_len``, ``verifier_id``,
+``committed_len``, ``last_round``, ``state``, ``created_ms``, ``last_round_ms`` as text and
+``last_result`` as the msgpack of the last `VerifyResult`. The field list is the struct's own:
+`SessionRecord.to_hash` and `from_hash` walk it, nothing here repeats it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from typing import Literal
 
+import msgspec
 import redis.asyncio as aioredis
 
+from common.protocol import SessionSpec, VocabInfo
 from common.subjects import session_key, session_tokens_key
 
 SESSION_TTL_S = 3600  # refreshed every round; an abandoned session expires by itself
@@ -69,55 +76,22 @@ return {1, committed}
 """
 
 
-@dataclass(slots=True)
-class SessionRecord:
-    sid: str
-    mode: str
+class SessionRecord(msgspec.Struct, kw_only=True):
+    spec: SessionSpec
     prompt_len: int
-    max_new_tokens: int
+    vocab: VocabInfo | None = None  # the opener's vocabulary: a verifier taking over must share it
     verifier_id: str = ""
     committed_len: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    draft_top_m: int = 8
-    seed: int = -1  # -1: none given
-    k_max: int = 8
-    slo_ttft_ms: float = 0.0  # 0: no SLO
-    slo_tpot_ms: float = 0.0
-    device_id: str = ""
+    last_round: int = -1
+    state: Literal["active", "finished", "closed"] = "active"
     created_ms: float = 0.0
     last_round_ms: float = 0.0
-    last_round: int = -1
-    state: str = "active"  # active | finished | closed
     last_result: bytes = b""  # msgpack of the last VerifyResult, for idempotent retries
-    tokens: list[int] = field(default_factory=list)  # committed tokens (not a hash field)
+    tokens: list[int] = []  # committed tokens (the list key, not a hash field)
 
-    _INT = ("prompt_len", "max_new_tokens", "committed_len", "top_k", "draft_top_m", "seed",
-            "k_max", "last_round")
-    _FLOAT = ("temperature", "top_p", "slo_ttft_ms", "slo_tpot_ms", "created_ms",
-              "last_round_ms")
-
-    def to_hash(self) -> dict[str, str | bytes]:
-        fields = asdict(self)
-        fields.pop("tokens")
-        fields.pop("sid")
-        return {k: v if isinstance(v, bytes) else str(v) for k, v in fields.items()}
-
-    @classmethod
-    def from_hash(cls, sid: str, raw: dict[bytes, bytes], tokens: list[bytes]) -> SessionRecord:
-        values: dict = {}
-        for key, value in raw.items():
-            name = key.decode()
-            if name == "last_result":
-                values[name] = value
-            elif name in cls._INT:
-                values[name] = int(value)
-            elif name in cls._FLOAT:
-                values[name] = float(value)
-            elif name in cls.__dataclass_fields__:
-                values[name] = value.decode()
-        return cls(sid=sid, tokens=[int(t) for t in tokens], **values)
+    @property
+    def sid(self) -> str:
+        return self.spec.sid
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -127,27 +101,38 @@ class SessionRecord:
     def output_ids(self) -> list[int]:
         return self.tokens[self.prompt_len :]
 
-    def sampling_params(self):
-        from common.sampling import SamplingParams  # torch only where sessions are served
+    def to_hash(self) -> dict[str, str | bytes]:
+        out: dict[str, str | bytes] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "tokens":
+                continue
+            if name in _JSON_FIELDS:
+                out[name] = msgspec.json.encode(value)
+            else:
+                out[name] = value if isinstance(value, bytes) else str(value)
+        return out
 
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              draft_top_m=self.draft_top_m)
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes], tokens: list[bytes]) -> SessionRecord:
+        """The record of a hash as Redis returns it (bytes); ValueError if it is not one."""
+        fields: dict[str, object] = {}
+        for key, value in raw.items():
+            name = key.decode()
+            if name in _JSON_FIELDS:
+                fields[name] = msgspec.json.decode(value)
+            elif name == "last_result":
+                fields[name] = value
+            elif name in cls.__struct_fields__:
+                fields[name] = value.decode()
+        fields["tokens"] = [int(t) for t in tokens]
+        try:
+            return msgspec.convert(fields, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"not a session record: {exc}") from None
 
-    def rebuild_seed(self) -> int | None:
-        """The generator seed of this session (re)opened at its committed length.
 
-        At the start of a session it is the session's own seed. A session rebuilt mid-way must
-        not restart the seed's stream: its first uniforms already decided the committed rounds,
-        so reusing them would correlate new decisions with old ones. It gets a fresh stream
-        derived from (seed, committed length) instead, the same on every process.
-        """
-        if self.seed < 0:
-            return None  # no seed given: a random one is drawn
-        if len(self.tokens) <= self.prompt_len:
-            return self.seed
-        digest = hashlib.blake2b(f"{self.seed}:{len(self.tokens)}".encode(),
-                                 digest_size=8).digest()
-        return int.from_bytes(digest, "little")
+_JSON_FIELDS = ("spec", "vocab")  # structured fields, stored as JSON (readable in redis-cli)
 
 
 def now_ms() -> float:
@@ -183,7 +168,7 @@ class SessionStore:
             raw, tokens = await pipe.execute()
         if not raw:
             return None
-        return SessionRecord.from_hash(sid, raw, tokens)
+        return SessionRecord.from_hash(raw, tokens)
 
     async def commit_round(self, sid: str, round_no: int, base_len: int, new_tokens: list[int],
                            result: bytes, finished: bool) -> tuple[CommitStatus, int]:

@@ -68,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.local:
         return cmd_generate_remote(args)
-    from common.sampling import SamplingParams
-    from services.edge_drafter.policies import policy_factory
-    from services.inprocess import GenerationRequest, build_local_stack
+    from common.engine.inprocess import GenerationRequest, build_local_stack
+    from common.engine.policies import PolicyCatalog
+    from common.protocol import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    policy = None if args.target_only else PolicyCatalog.standard().get(args.policy or "fixed")
     stack = build_local_stack(args.draft, args.target, args.device, args.dtype, args.k_max,
                               target_only=args.target_only, allow_download=args.allow_download)
-    policy = policy_factory(args.policy or "fixed", args.k_max)() if not args.target_only else None
     prompt_ids = stack.tokenizer.encode(args.prompt, add_special_tokens=False)
     result = stack.engine.generate(GenerationRequest(
         prompt_ids, args.max_new_tokens, params, args.seed, policy))
@@ -112,7 +112,7 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
     out = asyncio.run(_remote_generate(
         _stack_nats_url(args), args.prompt, args.mode, args.max_new_tokens, args.timeout,
         stream=not args.json, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, k_max=args.k_max))
+        seed=args.seed, k_max=args.k_max, policy=args.policy))
     if args.json:
         print(json.dumps({"text": out["text"], "token_ids": out["token_ids"],
                           "stats": out["stats"]}))
@@ -194,7 +194,7 @@ def _interrupt(*_) -> None:
 def _histogram(result) -> dict[int, int]:
     hist: dict[int, int] = {}
     for r in result.rounds:
-        hist[r.num_committed] = hist.get(r.num_committed, 0) + 1
+        hist[r.committed] = hist.get(r.committed, 0) + 1
     return dict(sorted(hist.items()))
 
 

@@ -18,13 +18,14 @@ import time
 
 import torch
 
+from common.engine.inprocess import GenerationRequest, InProcessEngine
+from common.engine.policies import FixedK
+from common.engine.verifier import VerifierCore
 from common.logs import configure_logging
 from common.models.loading import held_out_prompts, load_pair
 from common.models.runner import ForwardItem
 from common.models.runner_factory import make_runner
-from services.edge_drafter.policies import FixedK
-from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyItem
-from services.inprocess import GenerationRequest, InProcessEngine
+from common.protocol import SessionSpec, VerifyRequest
 
 
 def engine(draft, target, k_max: int, speculative: bool = True) -> InProcessEngine:
@@ -57,16 +58,22 @@ def time_ms(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
+def verify_request(sid: str, round_no: int, base_len: int, draft: list[int]) -> VerifyRequest:
+    return VerifyRequest(sid=sid, round=round_no, base_len=base_len, draft_ids=draft,
+                         budget_ms=1e3, draft_ms=0.0, device_id="bench")
+
+
 def verify_and_roll_back(core: VerifierCore, sids: list[str], k: int, round_no: int,
                          gen: torch.Generator) -> None:
     """One verify round of random k-token drafts for every session, then undone, so each
     repetition sees the same cached lengths."""
     vocab = core.runner.vocab_size
-    items = [VerifyItem(sid, round_no, len(core.sessions[sid].committed),
-                        torch.randint(0, vocab, (k,), generator=gen).tolist()) for sid in sids]
+    items = [verify_request(sid, round_no, len(core.sessions[sid].committed),
+                            torch.randint(0, vocab, (k,), generator=gen).tolist())
+             for sid in sids]
     for sid, out in zip(sids, core.verify_batch(items), strict=True):
         committed = core.sessions[sid].committed
-        del committed[len(committed) - len(out.new_tokens):]
+        del committed[len(committed) - len(out.result.new_tokens):]
         core.runner.truncate(sid, len(committed) - 1)
 
 
@@ -78,13 +85,12 @@ def bench_verifier_step(target, batch_sizes, draft_lens, context: int, reps: int
     gen = torch.Generator().manual_seed(0)
     vocab = target.vocab_size
     for b in batch_sizes:
-        core = VerifierCore(make_runner(target.model), target.eos_token_id, k_max=max(draft_lens),
-                            max_prompt_tokens=context)
+        core = VerifierCore(make_runner(target.model), target.eos_token_id)
         sids = [f"s{i}" for i in range(b)]
         for sid in sids:
             prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-            core.open_session(SessionSpec(sid, prompt, max_new_tokens=64))
-            core.verify_batch([VerifyItem(sid, 0, context, [])])  # prefill, now warm
+            core.open_session(SessionSpec(sid=sid, mode="sled", max_new_tokens=64), prompt)
+            core.verify_batch([verify_request(sid, 0, context, [])])  # prefill, now warm
         rounds = iter(range(1, 10**9))  # shared by every k: rounds only move forward
         for k in draft_lens:
             ms = time_ms(lambda k=k, core=core, sids=sids, rounds=rounds: verify_and_roll_back(

@@ -26,16 +26,15 @@ import torch
 
 from common import protocol as wire
 from common.embedded import EmbeddedInfra
+from common.engine.drafter import DrafterCore
+from common.engine.policies import FixedK
+from common.engine.verifier import VerifierCore
 from common.logs import configure_logging
 from common.models.loading import load_pair
 from common.models.runner_factory import make_runner
-from common.sampling import SamplingParams
-from common.service import connect_redis
 from common.store import SessionRecord, SessionStore
 from common.subjects import SESSION_OPEN, VERIFY_SUBMIT
-from services.edge_drafter.core import DrafterCore
-from services.edge_drafter.policies import FixedK
-from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyItem
+from common.transport.service import connect_redis
 from services.launcher import stack_options, start_stack, stop_stack
 
 CONTEXT = 128  # prompt tokens of the benchmark session
@@ -89,8 +88,9 @@ async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, flo
     rr = await atimed(lambda: client.request("bench.echo", payload, timeout=5), n)
     redis = connect_redis(infra.redis_url)
     store = SessionStore(redis)
-    await store.create(SessionRecord(sid="b" * 32, mode="sled", prompt_len=CONTEXT,
-                                     max_new_tokens=10**6, tokens=list(range(CONTEXT))))
+    await store.create(SessionRecord(
+        spec=wire.SessionSpec(sid="b" * 32, mode="sled", max_new_tokens=10**6),
+        prompt_len=CONTEXT, tokens=list(range(CONTEXT))))
     rounds = iter(range(10**9))
     blob = wire.encode(res)
 
@@ -107,13 +107,15 @@ async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, flo
     return {"codec": med_us(codec), "nats": med_us(rr), "redis": med_us(commits)}
 
 
-async def bench_service_round(stack, k: int, n: int, vocab: int) -> dict[str, float]:
+async def bench_service_round(stack, k: int, n: int, target) -> dict[str, float]:
     nc = await nats.connect(stack.nats_url)
     gen = torch.Generator().manual_seed(0)
+    vocab = target.vocab_size
     prompt = torch.randint(0, vocab, (CONTEXT,), generator=gen).tolist()
+    spec = wire.SessionSpec(sid=wire.new_sid(), mode="sled", max_new_tokens=n * (k + 1) + 8,
+                            device_id="bench", k_max=max(k, 1))
     opened = wire.decode_reply(wire.SessionOpened, (await nc.request(SESSION_OPEN, wire.encode(
-        wire.SessionOpen(sid=wire.new_sid(), mode="sled", prompt_ids=prompt,
-                         max_new_tokens=n * (k + 1) + 8, device_id="bench", k_max=max(k, 1))),
+        wire.SessionOpen(spec=spec, prompt_ids=prompt, vocab=target.vocab_info)),
         timeout=30)).data)
     base, rtts, batch_ms = CONTEXT, [], []
     for r in range(n + 1):
@@ -135,21 +137,25 @@ async def bench_service_round(stack, k: int, n: int, vocab: int) -> dict[str, fl
 def bench_compute(k: int, n: int, draft, target) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, target.vocab_size, (CONTEXT,), generator=gen).tolist()
-    core = VerifierCore(make_runner(target.model), target.eos_token_id, k_max=max(k, 1))
-    core.open_session(SessionSpec("s", prompt, max_new_tokens=n * (k + 1) + 8))
+    spec = wire.SessionSpec(sid="s", mode="sled", max_new_tokens=n * (k + 1) + 8,
+                            k_max=max(k, 1))
+    core = VerifierCore(make_runner(target.model), target.eos_token_id)
+    core.open_session(spec, prompt)
     drafter = DrafterCore(make_runner(draft.model), draft.eos_token_id, k_max=max(k, 1))
-    drafter.open("s", prompt, n * (k + 1) + 8, SamplingParams(), FixedK(k, max(k, 1)))
+    drafter.open(spec, prompt, FixedK(k))
     verify, drafting = [], []
     for r in range(n + 1):
         t = time.perf_counter()
         d = drafter.draft(["s"])["s"] if k else None
         t_draft = time.perf_counter() - t
         t = time.perf_counter()
-        (out,) = core.verify_batch([VerifyItem("s", r, len(core.committed("s")),
-                                               d.token_ids if d else [])])
+        (out,) = core.verify_batch([wire.VerifyRequest(
+            sid="s", round=r, base_len=len(core.committed("s")),
+            draft_ids=d.token_ids if d else [], budget_ms=1e3, draft_ms=0.0,
+            device_id="bench")])
         t_verify = time.perf_counter() - t
         if k:
-            drafter.apply("s", out.num_accepted, out.new_tokens)
+            drafter.apply("s", out.result.num_accepted, out.result.new_tokens)
         if r:
             verify.append(t_verify)
             drafting.append(t_draft)
@@ -166,7 +172,7 @@ async def main_async(args) -> None:
             rows = []
             for k in args.k:
                 transport = await bench_transport(infra, k, args.rounds)
-                service = await bench_service_round(stack, k, args.rounds, target.vocab_size)
+                service = await bench_service_round(stack, k, args.rounds, target)
                 compute = bench_compute(k, args.rounds, draft, target)
                 overhead = service["rtt"] - service["batch"]
                 rows.append((k, transport, service, compute, overhead))

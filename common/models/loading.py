@@ -2,7 +2,7 @@
 
 Offline by default: nothing is fetched from a network unless `allow_download=True`. fp32 on
 CPU (exactness is checked there), bf16 on CUDA. Draft and target must share one tokenizer;
-a mismatch is refused with an error that names both models (DESIGN.md §3).
+a mismatch is refused with an error that names both models (docs/architecture.md, "Tokens").
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import structlog
 import torch
+
+from common.models.vocab import eos_token_id, vocab_info
+from common.protocol import VocabInfo
 
 log = structlog.get_logger(__name__)
 
@@ -52,15 +55,19 @@ class LoadedModel:
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
+    @property
+    def vocab_info(self) -> VocabInfo:
+        """The vocabulary as peers compare it (hashes the token table: call it once)."""
+        return vocab_info(self.vocab_size, self.tokenizer, self.eos_token_id)
 
-def eos_token_id(config, tokenizer=None) -> int | None:
-    """The model config's EOS id (the first, if it lists several), else the tokenizer's."""
-    eos = config.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    return eos
+    @property
+    def longest_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest entry of the token table: no token covers more bytes of
+        text (byte-level BPE spells a byte as one character of one or two bytes; SentencePiece
+        a space as '▁'), so a text of N times this many bytes has more than N tokens."""
+        if self.tokenizer is None:
+            return 1
+        return max(len(token.encode()) for token in self.tokenizer.get_vocab())
 
 
 def select_device(preference: str = "auto") -> torch.device:

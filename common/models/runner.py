@@ -16,7 +16,7 @@ Two implementations share this contract:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,7 +42,6 @@ class ForwardItem:
     # Logits are returned for the last `num_logits` new positions only (saves the LM head on
     # long prefills). 0 means all of them.
     num_logits: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -77,12 +76,14 @@ class ModelRunner(Protocol):
 def uncached_tail(runner: ModelRunner, seq_id: str, tokens: list[int]) -> tuple[list[int], int]:
     """(the part of `tokens` whose KV the runner does not hold, the cached length it follows).
 
-    At least the last token is always fed, since its logits are what the caller wants: a KV
-    that already covers it (never expected between rounds) is rolled back by one. Call it right
+    Between rounds a runner holds KV for at most tokens[:-1]: the last committed token has
+    been sampled but not fed, and its logits are what the caller wants. A KV that already
+    covers it means a rollback went wrong, which this raises rather than repairs. Call it right
     before the forward: a sub-batch run just before may have evicted this sequence.
     """
     cached = runner.cached_len(seq_id)
     if cached >= len(tokens):
-        cached = len(tokens) - 1
-        runner.truncate(seq_id, cached)
+        raise AssertionError(f"KV invariant broken for {seq_id!r}: the runner holds {cached} "
+                             f"tokens of a sequence of {len(tokens)}; at most "
+                             f"{len(tokens) - 1} may be cached between rounds")
     return tokens[cached:], cached

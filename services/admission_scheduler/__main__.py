@@ -6,7 +6,7 @@ import asyncio
 
 from common.config import load_config
 from common.logs import configure_logging
-from common.service import run_service
+from common.transport.service import run_service
 from services.admission_scheduler.service import SchedulerConfig, SchedulerService
 
 

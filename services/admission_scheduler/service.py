@@ -1,10 +1,16 @@
 """The admission-scheduler: sessions in, verify requests batched out to the verifiers.
 
-Transport around two pure modules (docs/services.md, "One round" and "Failure handling"):
-`registry.VerifierRegistry` (liveness, placement, queues, in-flight batches) and a
-`batching.BatchPolicy` (which queued requests run next). This module decodes, validates,
-writes Redis, publishes batches, and turns every problem into an error reply, a log line, a
-counter and an `error` event; it never dies on bad input.
+Transport around pure modules (docs/architecture.md, "One round" and "Failure and bad input"):
+`registry.VerifierRegistry` (liveness, placement, queues, in-flight batches) with its
+`sessions.SessionTable` (SLO, committed and cached length per session, fed by the verifiers'
+reports), and a `batching.BatchPolicy` (which queued requests run next, and when to ask again).
+This module decodes, validates, writes Redis, publishes batches, and turns every problem into
+an error reply, a log line, a counter and an `error` event; it never dies on bad input.
+
+Dispatch runs on every event that can change a decision (submit, done, heartbeat), at the time
+a policy asks to be woken (a latest start time), and on a periodic check. A verifier may have
+up to `max_batches_in_flight` batches; it reports `done` when a batch's forward pass ends, so the
+next batch can start while the previous one's commits and replies are still going out.
 
 Subscriptions:
 * `wisp.session.open` / `wisp.session.close` / `wisp.verify.submit` / `wisp.server.generate`:
@@ -21,7 +27,6 @@ import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import structlog
@@ -31,14 +36,18 @@ from nats.aio.subscription import Subscription
 
 from common.config import BaseConfig
 from common.errors import ErrorCode, WispError
+from common.limits import check_ids, mismatch
 from common.protocol import (
     MAX_BATCH_ENTRIES,
     MAX_DRAFT_TOKENS,
+    MODES,
+    SERVER_MODES,
     BatchDone,
     BatchEntry,
-    Event,
+    ErrorEvent,
     GenerateRequest,
     Heartbeat,
+    ModelLimits,
     SessionClose,
     SessionClosed,
     SessionOpen,
@@ -49,10 +58,10 @@ from common.protocol import (
     encode,
     error_reply,
 )
-from common.service import Service
 from common.store import SESSION_TTL_S, SessionRecord, SessionStore, now_ms
 from common.subjects import (
     DEADLINES_KEY,
+    GENERATE_EDGE,
     SCHEDULER_QUEUE,
     SERVER_GENERATE,
     SESSION_CLOSE,
@@ -61,16 +70,15 @@ from common.subjects import (
     VERIFIER_HEARTBEAT,
     VERIFY_SUBMIT,
     deadline_member,
-    event,
     verifier_batch,
 )
+from common.transport.service import Service, publish_event
 from services.admission_scheduler.batching import POLICIES, PendingVerify, make_policy
 from services.admission_scheduler.registry import VerifierRegistry
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = "admission-scheduler"
-SERVER_MODES = ("centralized", "colocated")
 VERIFIER_DONE_ALL = f"{SUBJECT_PREFIX}.verifier.*.done"
 CHECK_INTERVAL_S = 0.25  # liveness, batch timeouts, expiry, orphan placement
 SWEEP_INTERVAL_S = 60.0  # forget idle sessions, trim stale deadline members
@@ -92,9 +100,10 @@ class SchedulerConfig(BaseConfig):
     batch_timeout_s: float = 30.0  # a batch not done this long: its verifier is dead
     max_batch_size: int = 32
     max_batch_tokens: int = 8192  # Σ (drafted + 1) over a batch; a lone larger request runs alone
+    max_batches_in_flight: int = 1  # per verifier (it queues them); 2+ hides the dispatch gap
     policy: str = "fcfs"
     default_k_max: int = 8  # server-side modes, when the request gives none
-    max_prompt_tokens: int = 0  # 0: half the target's context, as the verifier core uses
+    max_prompt_tokens: int = 0  # server-side modes; 0: half the target's context
     draft_model: str = ""  # "" disables the colocated mode
     target_model: str = field(default_factory=_default_target)  # tokenizer of server-side modes
     downlink_ms: float = 0.0  # downlink estimate subtracted from edge budgets
@@ -108,6 +117,9 @@ class SchedulerConfig(BaseConfig):
                              f"got {self.max_batch_size}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_batches_in_flight < 1:
+            raise ValueError(f"max_batches_in_flight must be >= 1, got "
+                             f"{self.max_batches_in_flight}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of "
                              f"{', '.join(sorted(POLICIES))}")
@@ -130,9 +142,7 @@ class SchedulerService(Service):
         super().__init__()
         self.config = config
         # Resolved at start from the target model when the config leaves it at 0.
-        self.max_prompt_tokens = config.max_prompt_tokens
-        self.policy = make_policy(config.policy, max_batch_size=config.max_batch_size,
-                                  max_batch_tokens=config.max_batch_tokens)
+        self.policy = make_policy(config.policy, config)
         self.registry = VerifierRegistry(config.heartbeat_timeout_s, config.batch_timeout_s,
                                          now_ms())
         self.counters: Counter[str] = Counter()
@@ -144,8 +154,10 @@ class SchedulerService(Service):
         self._last_sweep_ms = 0.0
         self._ready = False
         self._stopping = False
-        self._generation_ctx: Any = None  # common.generation.GenerationContext once loaded
-        self._generation_unavailable = "server-side modes are still loading"
+        self._wakes: dict[str, asyncio.TimerHandle] = {}  # a policy's wake-up per verifier
+        self._woken: set[asyncio.Task] = set()
+        self._server: Any = None  # common.transport.generation.GenerationServer once loaded
+        self._server_unavailable = "server-side modes are still loading"
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,7 +180,7 @@ class SchedulerService(Service):
         self._check_task = asyncio.create_task(self._check_loop(), name="scheduler-check")
         self._ready = True
         log.info("scheduler_started", policy=self.policy.name,
-                 server_side=self._generation_ctx is not None,
+                 server_side=self._server is not None,
                  colocated=bool(self.config.draft_model))
 
     async def stop(self) -> None:
@@ -188,9 +200,11 @@ class SchedulerService(Service):
                 task.cancel()
             if self._check_task is not None:
                 self._check_task.cancel()
-            drafter = getattr(self._generation_ctx, "drafter", None)
+            for handle in self._wakes.values():
+                handle.cancel()
+            drafter = getattr(self._server, "drafter", None)
             if drafter is not None:
-                drafter.close()
+                drafter.shutdown()
         await self._unsubscribe("heartbeat", "done", "close")
         log.info("scheduler_stopped", counters=dict(self.counters))
 
@@ -235,36 +249,44 @@ class SchedulerService(Service):
 
     async def _on_open(self, msg: Msg) -> None:
         req = decode(SessionOpen, msg.data)
-        structlog.contextvars.bind_contextvars(sid=req.sid)
-        limit = self.max_prompt_tokens
-        if limit and len(req.prompt_ids) > limit:
-            raise WispError(ErrorCode.PROMPT_TOO_LONG,
-                            f"prompt has {len(req.prompt_ids)} tokens; the limit is {limit}")
-        vid = self.registry.pick()
-        if vid is None:
-            raise WispError(ErrorCode.CAPACITY, "no verifier is available; retry later")
+        spec = req.spec
+        structlog.contextvars.bind_contextvars(sid=spec.sid)
+        check_ids(req.prompt_ids, req.vocab.size, "prompt")
+        vid = self._place(req)
         now = now_ms()
-        self.registry.assign(req.sid, vid, now)
-        record = SessionRecord(
-            sid=req.sid, mode=req.mode, prompt_len=len(req.prompt_ids),
-            max_new_tokens=req.max_new_tokens, verifier_id=vid,
-            temperature=req.sampling.temperature, top_p=req.sampling.top_p,
-            top_k=req.sampling.top_k, draft_top_m=req.sampling.draft_top_m,
-            seed=-1 if req.seed is None else req.seed, k_max=req.k_max,
-            slo_ttft_ms=req.slo.ttft_ms if req.slo else 0.0,
-            slo_tpot_ms=req.slo.tpot_ms if req.slo else 0.0,
-            device_id=req.device_id, created_ms=now, tokens=list(req.prompt_ids))
+        self.registry.assign(spec.sid, vid, now, spec=spec, vocab=req.vocab,
+                             prompt_len=len(req.prompt_ids),
+                             committed_len=len(req.prompt_ids))
+        record = SessionRecord(spec=spec, vocab=req.vocab, prompt_len=len(req.prompt_ids),
+                               verifier_id=vid, created_ms=now, tokens=list(req.prompt_ids))
         try:
             await self.store.create(record)
         except BaseException:
-            self.registry.forget(req.sid)
+            self.registry.forget(spec.sid)
             raise
         self.counters["sessions_opened"] += 1
-        log.info("session_opened", verifier=vid, mode=req.mode,
+        log.info("session_opened", verifier=vid, mode=spec.mode,
                  prompt_tokens=len(req.prompt_ids))
         if msg.reply:
             await self._publish(msg.reply, encode(SessionOpened(
-                sid=req.sid, verifier_id=vid, committed_len=len(req.prompt_ids))))
+                sid=spec.sid, verifier_id=vid, committed_len=len(req.prompt_ids))))
+
+    def _place(self, req: SessionOpen) -> str:
+        """The verifier for a new session: the best live one whose limits (vocabulary, k_max,
+        context) fit it. Refused at open, with what disagrees, when no live one fits."""
+        candidates = self.registry.candidates()
+        if not candidates:
+            raise WispError(ErrorCode.CAPACITY, "no verifier is available; retry later")
+        first_problem = None
+        for v in candidates:
+            if v.limits is None:
+                return v.verifier_id
+            problem = mismatch(req.spec, len(req.prompt_ids), req.vocab, v.limits,
+                               f"verifier {v.verifier_id}")
+            if problem is None:
+                return v.verifier_id
+            first_problem = first_problem or problem
+        raise first_problem
 
     async def _on_close(self, msg: Msg) -> None:
         req = decode(SessionClose, msg.data)
@@ -282,20 +304,21 @@ class SchedulerService(Service):
         if not msg.reply:
             raise WispError(ErrorCode.BAD_REQUEST, f"{VERIFY_SUBMIT} needs a reply inbox "
                             "(send it as a NATS request): the result goes there")
-        if self.registry.verifier_of(req.sid) is None:
-            record = await self.store.load(req.sid)
-            if record is None or record.state == "closed":
-                raise WispError(ErrorCode.UNKNOWN_SESSION,
-                                f"session {req.sid} is {'closed' if record else 'unknown'}; "
-                                "open it first")
-            if record.verifier_id:
-                self.registry.assign(req.sid, record.verifier_id, now_ms())
+        entry = self.registry.sessions.get(req.sid)
+        if entry is None or entry.spec is None:
+            entry = await self._learn(req.sid)
+        if len(req.draft_ids) > entry.spec.k_max:
+            raise WispError(ErrorCode.DRAFT_TOO_LONG,
+                            f"draft has {len(req.draft_ids)} tokens; the session's k_max is "
+                            f"{entry.spec.k_max}")
         arrival = now_ms()
-        deadline = arrival + req.budget_ms - self.config.downlink_ms
-        await self.redis.zadd(DEADLINES_KEY, {deadline_member(req.sid, req.round): deadline})
-        entry = PendingVerify(request=req, reply_to=msg.reply, arrival_ms=arrival,
-                              deadline_ms=deadline)
-        vid, moved = self.registry.enqueue(entry, arrival)
+        deadline = await self._deadline(req, arrival)
+        num_new, num_cached = self.registry.sessions.round_shape(req.sid, req.base_len,
+                                                                 len(req.draft_ids))
+        pending = PendingVerify(request=req, reply_to=msg.reply, arrival_ms=arrival,
+                                deadline_ms=deadline, slo=entry.spec.slo, num_new=num_new,
+                                num_cached=num_cached)
+        vid, moved = self.registry.enqueue(pending, arrival)
         self.counters["verify_requests"] += 1
         if moved:
             log.warning("session_moved", to=moved[req.sid], reason="verifier not live")
@@ -305,6 +328,34 @@ class SchedulerService(Service):
             return
         await self._dispatch(vid)
 
+    async def _learn(self, sid: str):
+        """A session this scheduler has not seen (it restarted, or another one opened it):
+        its record from Redis fills the session table, SLO and placement included."""
+        try:
+            record = await self.store.load(sid)
+        except ValueError as exc:
+            raise WispError(ErrorCode.UNKNOWN_SESSION,
+                            f"session {sid} has an unreadable record: {exc}") from None
+        if record is None or record.state == "closed":
+            raise WispError(ErrorCode.UNKNOWN_SESSION,
+                            f"session {sid} is {'closed' if record else 'unknown'}; "
+                            "open it first")
+        vid = record.verifier_id or self.registry.verifier_of(sid) or ""
+        return self.registry.assign(sid, vid, now_ms(), spec=record.spec, vocab=record.vocab,
+                                    prompt_len=record.prompt_len,
+                                    committed_len=record.committed_len)
+
+    async def _deadline(self, req: VerifyRequest, arrival_ms: float) -> float:
+        """arrival + budget - downlink estimate, on this clock; a retried round (also after a
+        scheduler restart) keeps the deadline of its first submit, kept in wisp:deadlines."""
+        member = deadline_member(req.sid, req.round)
+        deadline = arrival_ms + req.budget_ms - self.config.downlink_ms
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(DEADLINES_KEY, {member: deadline}, nx=True)
+            pipe.zscore(DEADLINES_KEY, member)
+            _, stored = await pipe.execute()
+        return float(stored) if stored is not None else deadline
+
     async def _on_done(self, msg: Msg) -> None:
         done = decode(BatchDone, msg.data)
         finished = self.registry.finish_batch(done.verifier_id, done.batch_id, done)
@@ -312,7 +363,7 @@ class SchedulerService(Service):
             return  # another scheduler's batch, or one re-run elsewhere after a death
         self.counters["batches_done"] += 1
         await self._dispatch(done.verifier_id)
-        members = [deadline_member(e.sid, e.request.round) for e in finished.entries]
+        members = [deadline_member(*e.key) for e in finished.entries]
         await self.redis.zrem(DEADLINES_KEY, *members)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -321,7 +372,8 @@ class SchedulerService(Service):
         if not self.registry.heartbeat(hb, now):
             return
         log.info("verifier_joined", verifier=hb.verifier_id, model=hb.model,
-                 hardware=hb.hardware, free_blocks=hb.free_blocks, total_blocks=hb.total_blocks)
+                 hardware=hb.hardware, free_blocks=hb.free_blocks, total_blocks=hb.total_blocks,
+                 k_max=hb.limits.k_max, max_context=hb.limits.max_context)
         _, moved = self.registry.place_orphans(now)
         await self._write_moves(moved)
         await self._dispatch_all()
@@ -331,20 +383,18 @@ class SchedulerService(Service):
         if not msg.reply:
             raise WispError(ErrorCode.BAD_REQUEST, f"{SERVER_GENERATE} needs a reply inbox "
                             "(send it as a NATS request): the tokens stream there")
-        if req.mode not in SERVER_MODES:
+        if req.mode not in SERVER_MODES and not req.resume_sid:
             raise WispError(ErrorCode.BAD_REQUEST, f"mode {req.mode} is served by the "
-                            "edge-drafter on wisp.edge.generate")
+                            f"edge-drafter on {GENERATE_EDGE}")
         if req.mode == "colocated" and not self.config.draft_model:
             raise WispError(ErrorCode.BAD_REQUEST,
                             "mode colocated needs a draft model on the scheduler; start the "
                             "admission-scheduler with --draft-model PATH (env WISP_DRAFT_MODEL)")
         if self._stopping:
             raise WispError(ErrorCode.CAPACITY, "this scheduler is shutting down; retry")
-        if self._generation_ctx is None:
-            raise WispError(ErrorCode.INTERNAL, self._generation_unavailable)
-        from common.generation import run_generation
-
-        task = asyncio.create_task(run_generation(self._generation_ctx, req, msg.reply),
+        if self._server is None:
+            raise WispError(ErrorCode.UNAVAILABLE, self._server_unavailable)
+        task = asyncio.create_task(self._server.serve(req, msg.reply),
                                    name=f"generate-{req.mode}")
         self._generations.add(task)
         task.add_done_callback(self._generations.discard)
@@ -352,46 +402,67 @@ class SchedulerService(Service):
 
     # -- dispatch -----------------------------------------------------------------------------
     async def _dispatch(self, vid: str) -> None:
-        """Send `vid` its next batch if it is live, idle and has work (one batch in flight)."""
-        v = self.registry.verifiers.get(vid)
-        if v is None or not v.alive or v.in_flight is not None or not v.queue:
-            return
-        now = now_ms()
-        chosen = self.policy.select(v.queue, now, v.state())
-        if not chosen:
-            return
-        batch_id = next(self._batch_ids)
-        data = self._encode_batch(batch_id, chosen)
-        while len(data) > self.nc.max_payload and len(chosen) > 1:
-            chosen = chosen[: len(chosen) // 2]
+        """Send `vid` batches while it is live, has room for another in flight and its policy
+        picks entries; arm the policy's wake-up for later."""
+        while True:
+            v = self.registry.verifiers.get(vid)
+            if (v is None or not v.alive or not v.queue
+                    or len(v.in_flight) >= self.config.max_batches_in_flight):
+                return
+            now = now_ms()
+            selection = self.policy.select(v.queue, now, v.state())
+            self._wake_at(vid, selection.wake_at_ms)
+            chosen = selection.entries
+            if not chosen:
+                return
+            batch_id = next(self._batch_ids)
             data = self._encode_batch(batch_id, chosen)
-        self.registry.start_batch(vid, batch_id, chosen, now)
-        if len(data) > self.nc.max_payload:  # one request alone is over the server's limit
-            self.registry.finish_batch(vid, batch_id)
-            await self._reject(chosen[0].reply_to, WispError(
-                ErrorCode.BAD_REQUEST, f"verify request is {len(data)} bytes, over this NATS "
-                f"server's max_payload ({self.nc.max_payload})"), "submit", chosen[0].sid)
-            await self._dispatch(vid)
+            while len(data) > self.nc.max_payload and len(chosen) > 1:
+                chosen = chosen[: len(chosen) // 2]
+                data = self._encode_batch(batch_id, chosen)
+            self.registry.start_batch(vid, batch_id, chosen, now)
+            if len(data) > self.nc.max_payload:  # one request alone is over the server's limit
+                self.registry.finish_batch(vid, batch_id)
+                await self._reject(chosen[0].reply_to, WispError(
+                    ErrorCode.BAD_REQUEST, f"verify request is {len(data)} bytes, over this "
+                    f"NATS server's max_payload ({self.nc.max_payload})"), "submit",
+                    chosen[0].sid)
+                continue
+            try:
+                await self.nc.publish(verifier_batch(vid), data)
+            except Exception as exc:  # noqa: BLE001 - keep it queued; the check loop retries
+                self.registry.abort_batch(vid, batch_id)
+                log.error("batch_publish_failed", verifier=vid, error=str(exc))
+                return
+            self.counters["batches_sent"] += 1
+            self.counters["batch_entries"] += len(chosen)
+            log.debug("batch_sent", verifier=vid, batch_id=batch_id, size=len(chosen),
+                      queue_depth=len(v.queue))
+
+    def _wake_at(self, vid: str, at_ms: float | None) -> None:
+        """Run `vid`'s dispatch again at `at_ms` (a policy's latest start time), replacing an
+        earlier wake-up; None cancels it."""
+        old = self._wakes.pop(vid, None)
+        if old is not None:
+            old.cancel()
+        if at_ms is None:
             return
-        try:
-            await self.nc.publish(verifier_batch(vid), data)
-        except Exception as exc:  # noqa: BLE001 - keep it queued; the check loop retries
-            self.registry.abort_batch(vid, batch_id)
-            log.error("batch_publish_failed", verifier=vid, error=str(exc))
-            return
-        self.counters["batches_sent"] += 1
-        self.counters["batch_entries"] += len(chosen)
-        log.debug("batch_sent", verifier=vid, batch_id=batch_id, size=len(chosen),
-                  queue_depth=len(v.queue))
+        delay_s = max(0.0, (at_ms - now_ms()) / 1e3)
+        self._wakes[vid] = asyncio.get_running_loop().call_later(delay_s, self._woken_up, vid)
+
+    def _woken_up(self, vid: str) -> None:
+        self._wakes.pop(vid, None)
+        task = asyncio.create_task(self._guard("wake", lambda _: self._dispatch(vid))(None))
+        self._woken.add(task)
+        task.add_done_callback(self._woken.discard)
 
     @staticmethod
     def _encode_batch(batch_id: str, entries: list[PendingVerify]) -> bytes:
         return encode(VerifierBatch(batch_id=batch_id, items=[
-            BatchEntry(request=e.request, reply_to=e.reply_to, deadline_ms=e.deadline_ms)
-            for e in entries]))
+            BatchEntry(request=e.request, reply_to=e.reply_to) for e in entries]))
 
     async def _dispatch_all(self) -> None:
-        for vid in self.registry.dispatchable():
+        for vid in self.registry.dispatchable(self.config.max_batches_in_flight):
             await self._dispatch(vid)
 
     # -- periodic checks ----------------------------------------------------------------------
@@ -440,9 +511,8 @@ class SchedulerService(Service):
                     **({"sid": sid} if sid else {}))
         if reply_to:
             await self._publish(reply_to, error_reply(err))
-        fields: dict[str, Any] = {"service": SERVICE_NAME, "code": str(err.code)}
-        await self._publish(event("error"), encode(Event(kind="error", ts_ms=now_ms(),
-                                                         sid=sid, fields=fields)))
+        await publish_event(self.nc, ErrorEvent(ts_ms=now_ms(), service=SERVICE_NAME,
+                                                code=str(err.code), sid=sid))
 
     async def _publish(self, subject: str, data: bytes) -> None:
         try:
@@ -454,60 +524,74 @@ class SchedulerService(Service):
     async def _load_server_side(self) -> None:
         """Tokenizer (and draft model, when configured) for `wisp.server.generate`. Without a
         target model the scheduler still routes rounds; with a draft model configured, a
-        failure to load it is fatal (the operator asked for colocated)."""
+        failure to load it is fatal (the operator asked for colocated). `centralized` needs
+        only the target's tokenizer: torch is imported for `colocated` alone."""
         cfg = self.config
         if not cfg.target_model:
-            self._generation_unavailable = ("server-side modes are off: start the "
-                                            "admission-scheduler with --target-model PATH")
+            self._server_unavailable = ("server-side modes are off: start the "
+                                        "admission-scheduler with --target-model PATH")
             return
         try:
-            tokenizer, eos, vocab_size, context, drafter_core = await asyncio.to_thread(
-                _load_generation_models, cfg)
+            loaded = await asyncio.to_thread(_load_server_models, cfg)
         except Exception as exc:
             if cfg.draft_model:
                 raise
-            self._generation_unavailable = (f"server-side modes are unavailable: cannot load "
-                                            f"the tokenizer of {cfg.target_model!r} ({exc})")
+            self._server_unavailable = (f"server-side modes are unavailable: cannot load "
+                                        f"the tokenizer of {cfg.target_model!r} ({exc})")
             log.warning("server_side_modes_unavailable", reason=str(exc))
             return
-        from common.draft_batcher import DraftBatcher
-        from common.generation import GenerationContext
+        from common.transport.generation import GenerationServer
 
-        self.max_prompt_tokens = cfg.max_prompt_tokens or context // 2
+        self._server = GenerationServer(
+            nc=self.nc, store=self.store, tokenizer=loaded.tokenizer,
+            eos_token_id=loaded.eos_token_id, limits=loaded.limits,
+            modes=SERVER_MODES if loaded.drafter is not None else ("centralized",),
+            device_id=SERVER_DEVICE_ID, drafter=loaded.drafter, policies=loaded.policies,
+            default_k_max=cfg.default_k_max,
+            elsewhere={m: GENERATE_EDGE for m in MODES if m not in SERVER_MODES})
 
-        self._generation_ctx = GenerationContext(
-            nc=self.nc, store=self.store, tokenizer=tokenizer,
-            drafter=DraftBatcher(drafter_core) if drafter_core is not None else None,
-            device_id=SERVER_DEVICE_ID, eos_token_id=eos, default_k_max=cfg.default_k_max,
-            modes=SERVER_MODES, vocab_size=vocab_size, max_prompt_tokens=self.max_prompt_tokens)
+
+@dataclass(slots=True)
+class _ServerModels:
+    tokenizer: Any
+    eos_token_id: int | None
+    limits: ModelLimits
+    drafter: Any = None  # DraftBatcher over the colocated draft model
+    policies: Any = None  # PolicyCatalog
 
 
-def _load_generation_models(cfg: SchedulerConfig) -> tuple[Any, int | None, int, int, Any]:
-    """(target tokenizer, eos id, vocab size, context length, DrafterCore or None); runs in
+def _load_server_models(cfg: SchedulerConfig) -> _ServerModels:
+    """The target's tokenizer and limits, and the colocated drafter when configured; runs in
     a thread."""
     from pathlib import Path
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from common.models.loading import eos_token_id
+    from common.models.vocab import eos_token_id, vocab_info
 
     if not Path(cfg.target_model).exists():
         raise FileNotFoundError(f"{cfg.target_model!r} is not a local folder")
     tokenizer = AutoTokenizer.from_pretrained(cfg.target_model, local_files_only=True)
     model_config = AutoConfig.from_pretrained(cfg.target_model, local_files_only=True)
     eos = eos_token_id(model_config, tokenizer)
-    vocab_size = int(model_config.vocab_size)
-    core = None
+    vocab = vocab_info(int(model_config.vocab_size), tokenizer, eos)
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    limits = ModelLimits(vocab=vocab, k_max=max(DRAFTER_K_MAX, cfg.default_k_max),
+                         max_context=context,
+                         max_prompt_tokens=cfg.max_prompt_tokens or context // 2)
+    loaded = _ServerModels(tokenizer, eos, limits)
     if cfg.draft_model:
-        from common.models.loading import check_same_vocabulary, load_model
+        from common.engine.draft_batcher import DraftBatcher
+        from common.engine.drafter import DrafterCore
+        from common.engine.policies import PolicyCatalog
+        from common.models.loading import VocabularyMismatch, load_model
         from common.models.runner_factory import make_runner
-        from services.edge_drafter.core import DrafterCore
 
         draft = load_model(cfg.draft_model)
-        target = SimpleNamespace(name=cfg.target_model, vocab_size=vocab_size,
-                                 tokenizer=tokenizer, eos_token_id=eos)
-        check_same_vocabulary(draft, target)
-        core = DrafterCore(make_runner(draft.model), draft.eos_token_id,
-                           k_max=max(DRAFTER_K_MAX, cfg.default_k_max))
-    context = int(getattr(model_config, "max_position_embeddings", 2048))
-    return tokenizer, eos, vocab_size, context, core
+        if draft.vocab_info != vocab:
+            raise VocabularyMismatch(f"draft model {cfg.draft_model!r} and target model "
+                                     f"{cfg.target_model!r} do not share a vocabulary")
+        loaded.drafter = DraftBatcher(DrafterCore(make_runner(draft.model), draft.eos_token_id,
+                                                  k_max=limits.k_max))
+        loaded.policies = PolicyCatalog.standard()
+    return loaded

@@ -1,8 +1,9 @@
 """edge-drafter: hosts many sessions (one per device in a real deployment; many emulated
 devices in tests and loadgen), drafts with the draft model, and streams tokens to clients.
 
-Transport and orchestration only: the round loop is common/generation.py, the drafting is
-services/edge_drafter/core.py behind a DraftBatcher.
+Transport and wiring only: the round loop is `common.engine.session.SessionCore`, served over
+NATS by `common.transport.generation.GenerationServer`; drafting is the drafter core behind a
+`DraftBatcher`; draft-length policies come from a `PolicyCatalog`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import structlog
 
 from common import protocol as wire
 from common.config import BaseConfig
-from common.device_profile import get_profile
-from common.draft_batcher import DraftBatcher
+from common.engine.draft_batcher import DraftBatcher
+from common.engine.drafter import DrafterCore
+from common.engine.policies import PolicyCatalog
 from common.errors import WispError
-from common.generation import EDGE_MODES, GenerationContext, run_generation
+from common.limits import max_prompt_bytes
 from common.models.loading import DEFAULT_DRAFT, LoadedModel, load_model
 from common.models.runner_factory import make_runner
-from common.service import Service
+from common.protocol import ModelLimits
 from common.store import SessionStore
-from common.subjects import EDGE_QUEUE, GENERATE_EDGE, to_name
-from services.edge_drafter.core import DrafterCore
+from common.subjects import EDGE_QUEUE, GENERATE_EDGE, SERVER_GENERATE, to_name
+from common.transport.generation import GenerationServer
+from common.transport.service import Service
+from services.edge_drafter.device_profile import emulate, get_profile
 
 log = structlog.get_logger(__name__)
 
@@ -37,9 +41,14 @@ class EdgeConfig(BaseConfig):
     k_max: int = 8  # most tokens this drafter drafts per round (requests may ask for fewer)
     kv_budget_mb: int = 128
     device_id: str = ""  # default: this host's name
-    device_profile: str = ""  # emulate a device (common/device_profile.py); '' = none
+    device_profile: str = ""  # emulate a device (services/edge_drafter/device_profile.py)
     verify_timeout_s: float = 10.0
     verify_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k_max <= wire.MAX_DRAFT_TOKENS:
+            raise ValueError(f"k_max must be in [1, {wire.MAX_DRAFT_TOKENS}], got {self.k_max}")
+        get_profile(self.device_profile)  # an unknown profile fails at start
 
 
 class EdgeDrafterService(Service):
@@ -49,29 +58,36 @@ class EdgeDrafterService(Service):
         super().__init__()
         self.config = config
         self.model = model
-        self.ctx: GenerationContext | None = None
+        self.server: GenerationServer | None = None
         self.tasks: set[asyncio.Task] = set()
         self._sub = None
 
     async def start(self) -> None:
         cfg = self.config
-        profile = get_profile(cfg.device_profile)  # fail at start on a bad name
         if self.model is None:
             self.model = await asyncio.to_thread(load_model, cfg.draft_model, cfg.device,
                                                  cfg.dtype or None)
-        runner = make_runner(self.model.model, kv_budget_bytes=cfg.kv_budget_mb << 20)
-        core = DrafterCore(runner, self.model.eos_token_id, k_max=cfg.k_max)
-        self.ctx = GenerationContext(
-            nc=self.nc, store=SessionStore(self.redis), tokenizer=self.model.tokenizer,
-            drafter=DraftBatcher(core), device_id=cfg.device_id or to_name(socket.gethostname()),
-            eos_token_id=self.model.eos_token_id, default_k_max=cfg.k_max,
-            verify_timeout_s=cfg.verify_timeout_s, verify_retries=cfg.verify_retries,
-            profile=profile, modes=EDGE_MODES, vocab_size=self.model.vocab_size,
-            max_prompt_tokens=self.model.max_positions // 2)
+        model = self.model
+        runner = make_runner(model.model, kv_budget_bytes=cfg.kv_budget_mb << 20)
+        policies = PolicyCatalog.standard()
+        limits = ModelLimits(vocab=model.vocab_info, k_max=cfg.k_max,
+                             max_context=model.max_positions,
+                             max_prompt_tokens=model.max_positions // 2)
+        self.server = GenerationServer(
+            nc=self.nc, store=SessionStore(self.redis), tokenizer=model.tokenizer,
+            eos_token_id=model.eos_token_id, limits=limits, modes=policies.modes,
+            device_id=cfg.device_id or to_name(socket.gethostname()),
+            drafter=DraftBatcher(DrafterCore(runner, model.eos_token_id, k_max=cfg.k_max)),
+            policies=policies, default_k_max=cfg.k_max, verify_timeout_s=cfg.verify_timeout_s,
+            verify_retries=cfg.verify_retries,
+            max_prompt_bytes=max_prompt_bytes(limits.max_prompt_tokens,
+                                              model.longest_token_bytes),
+            emulation=emulate(get_profile(cfg.device_profile)),
+            elsewhere={m: SERVER_GENERATE for m in wire.SERVER_MODES})
         self._sub = await self.nc.subscribe(GENERATE_EDGE, queue=EDGE_QUEUE, cb=self._on_generate)
 
     def ready(self) -> bool:
-        return self.ctx is not None
+        return self.server is not None
 
     async def _on_generate(self, msg) -> None:
         if not msg.reply:
@@ -83,7 +99,7 @@ class EdgeDrafterService(Service):
             log.warning("bad_generate_request", reason=err.message)
             await self.nc.publish(msg.reply, wire.error_reply(err))
             return
-        task = asyncio.create_task(run_generation(self.ctx, request, msg.reply))
+        task = asyncio.create_task(self.server.serve(request, msg.reply))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -93,5 +109,5 @@ class EdgeDrafterService(Service):
             await self._sub.unsubscribe()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.ctx is not None:
-            self.ctx.drafter.close()
+        if self.server is not None:
+            self.server.drafter.shutdown()

@@ -1,9 +1,12 @@
 """gpu-verifier service: NATS batches in, one `VerifierCore.verify_batch` per batch, results out.
 
-Transport and orchestration only (docs/services.md "One round" step 4): batches run one at a
-time through a local queue and one worker task, model work in a thread so heartbeats keep
-flowing during a forward pass; every round is committed to Redis before its result is sent.
-The model math lives in `core.py`, the Redis ↔ core session loading in `sessions.py`.
+Transport and orchestration only. Batches run one at a time through a local queue and one
+worker task; model work runs in a thread so heartbeats keep flowing during a forward pass.
+For each batch the worker checks every entry against this model's limits (the boundary), loads
+what the core lacks from Redis, runs the forward pass, and at once sends `BatchDone` (the batch
+time is the forward's alone, and the scheduler may send the next batch); the commits to Redis
+and the replies of a batch then overlap with the next batch's forward. Every round is
+committed before its result is sent.
 """
 
 from __future__ import annotations
@@ -15,50 +18,50 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import msgpack
+import msgspec
 import structlog
 import torch
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from common.config import BaseConfig
+from common.engine.verifier import Verified, VerifierCore
 from common.errors import ErrorCode, WispError
+from common.limits import check_draft
 from common.models.loading import DEFAULT_TARGET, LoadedModel, load_model
 from common.models.paged_runner import PagedRunner
 from common.models.runner_factory import make_runner
 from common.protocol import (
     MAX_BATCH_ENTRIES,
     MAX_DRAFT_TOKENS,
-    MAX_PAYLOAD_BYTES,
     BatchDone,
     BatchEntry,
-    Event,
+    BatchEvent,
+    ErrorEvent,
     Heartbeat,
+    ModelLimits,
     SessionClose,
+    SessionLength,
+    VerdictEvent,
     VerifierBatch,
-    VerifyResult,
     decode,
     encode,
     error_reply,
-    from_dict,
 )
-from common.service import Service
-from common.store import SessionStore, now_ms
+from common.store import CommitStatus, SessionStore, now_ms
 from common.subjects import (
-    EVENT_BATCH,
     SESSION_CLOSE,
     VERIFIER_HEARTBEAT,
     VERIFIERS_KEY,
     check_token,
-    event,
     is_publish_subject,
     is_safe_token,
     to_name,
     verifier_batch,
     verifier_done,
 )
-from services.gpu_verifier.core import VerifierCore, VerifyOutcome
-from services.gpu_verifier.sessions import commit_round, ensure_sessions
+from common.transport.service import Service, publish_event
+from services.gpu_verifier.sessions import ensure_sessions
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +80,7 @@ class VerifierConfig(BaseConfig):
     kv_budget_mb: int = 256
     block_size: int = 16
     heartbeat_s: float = 1.0
-    max_prompt_tokens: int = 0  # 0: the core's default (half the context)
+    max_prompt_tokens: int = 0  # 0: half the target's context
 
     def __post_init__(self) -> None:
         check_token(self.verifier_id, "verifier_id")
@@ -88,27 +91,22 @@ class VerifierConfig(BaseConfig):
         if not self.heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be > 0, got {self.heartbeat_s}")
         if self.max_prompt_tokens < 0:
-            raise ValueError("max_prompt_tokens must be >= 0 (0: the core's default)")
+            raise ValueError("max_prompt_tokens must be >= 0 (0: half the target's context)")
 
 
 @dataclass(slots=True)
 class _Shape:
-    """What one batch cost and looked like (estimator features, DESIGN.md §6)."""
+    """What one batch's forward cost and looked like (estimator features)."""
 
     batch_ms: float = 0.0  # wall time of the core call
     num_linear: int = 0  # Σ new tokens fed
     num_interactions: int = 0  # Σ new × (cached + new)
     num_cached: int = 0  # Σ cached tokens read
 
-    def add(self, outcome: VerifyOutcome) -> None:
-        new, cached = outcome.num_input_tokens, outcome.num_cached_tokens
-        self.num_linear += new
-        self.num_interactions += new * (cached + new)
-        self.num_cached += cached
-
-
-# (batch_id if readable, valid entries, [(reply_to, error)] of invalid ones, number of entries)
-_Decoded = tuple[str | None, list[BatchEntry], list[tuple[str, WispError]], int]
+    def add(self, v: Verified) -> None:
+        self.num_linear += v.num_fed
+        self.num_interactions += v.num_fed * (v.num_cached + v.num_fed)
+        self.num_cached += v.num_cached
 
 
 class VerifierService(Service):
@@ -118,12 +116,15 @@ class VerifierService(Service):
         super().__init__()
         self.config = config
         self.vid = config.verifier_id
-        self.model = model  # injected (tests, in-process) or loaded in start()
+        self.model = model  # injected (tests) or loaded in start()
         self.core: VerifierCore | None = None
+        self.limits: ModelLimits | None = None
         self.store: SessionStore | None = None
         self.counters: Counter[str] = Counter()  # batches, bad_batches, error:<code>, ...
         self._queue: asyncio.Queue[tuple[bytes, float] | None] = asyncio.Queue()
-        self._core_lock = asyncio.Lock()  # the core is driven by one batch or close at a time
+        # The core is driven by one forward, session load or forget at a time.
+        self._core_lock = asyncio.Lock()
+        self._answering: set[asyncio.Task] = set()  # commits + replies of finished forwards
         self._batch_sub: Subscription | None = None
         self._close_sub: Subscription | None = None
         self._worker: asyncio.Task | None = None
@@ -140,8 +141,10 @@ class VerifierService(Service):
         runner = await asyncio.to_thread(make_runner, self.model.model,
                                          kv_budget_bytes=cfg.kv_budget_mb << 20,
                                          block_size=cfg.block_size)
-        self.core = VerifierCore(runner, self.model.eos_token_id, cfg.k_max,
-                                 cfg.max_prompt_tokens or None)
+        self.core = VerifierCore(runner, self.model.eos_token_id)
+        self.limits = ModelLimits(
+            vocab=self.model.vocab_info, k_max=cfg.k_max, max_context=runner.max_positions,
+            max_prompt_tokens=cfg.max_prompt_tokens or runner.max_positions // 2)
         self._hardware = _hardware_name(self.model.device)
         self.store = SessionStore(self.redis)
         self._worker = asyncio.create_task(self._work(), name=f"{self.vid}-worker")
@@ -156,7 +159,7 @@ class VerifierService(Service):
                  hardware=self._hardware, k_max=cfg.k_max)
 
     async def stop(self) -> None:
-        """Stop taking batches, finish the queued ones, then leave the registry."""
+        """Stop taking batches, finish the queued ones and their answers, leave the registry."""
         self._ready = False
         try:
             if self._batch_sub is not None:
@@ -165,6 +168,8 @@ class VerifierService(Service):
             if self._worker is not None:
                 self._queue.put_nowait(None)
                 await self._worker
+            if self._answering:
+                await asyncio.gather(*self._answering, return_exceptions=True)
             if self._close_sub is not None:
                 with contextlib.suppress(Exception):
                     await self._close_sub.unsubscribe()
@@ -215,18 +220,31 @@ class VerifierService(Service):
     async def _run_batch(self, data: bytes, arrived: float) -> None:
         queue_ms = (time.perf_counter() - arrived) * 1e3
         batch_id, entries, rejected, size = self._decode_batch(data)
-        shape = _Shape()
+        shape, lengths = _Shape(), []
         try:
+            valid = []
+            for entry in entries:  # the boundary: this model's vocabulary and k_max
+                try:
+                    check_draft(entry.request, self.limits.k_max, self.limits.vocab.size)
+                    valid.append(entry)
+                except WispError as err:
+                    rejected.append((entry.reply_to, err))
+            entries = valid
             for reply_to, err in rejected:
                 await self._reply_error(reply_to, err, None)
             if entries:
-                async with self._core_lock:
-                    shape = await self._verify(entries, queue_ms, size)
+                outcomes, shape = await self._verify(entries)
+                lengths = self._lengths(entries)
+                task = asyncio.create_task(self._answer_all(entries, outcomes, queue_ms,
+                                                            shape.batch_ms, size))
+                self._answering.add(task)
+                task.add_done_callback(self._answering.discard)
         finally:
             if batch_id is not None:  # the scheduler's verifier is free again, whatever happened
-                await self._publish_done(batch_id, size, shape)
+                await self._publish_done(batch_id, size, shape, lengths)
 
-    def _decode_batch(self, data: bytes) -> _Decoded:
+    def _decode_batch(self, data: bytes) -> tuple[str | None, list[BatchEntry],
+                                                  list[tuple[str, WispError]], int]:
         """(batch_id, entries, [(reply_to, error)], size). A batch that fails validation is
         salvaged entry by entry, so its valid entries are served, its invalid ones refused,
         and the scheduler still gets its BatchDone when the batch id is readable."""
@@ -238,9 +256,8 @@ class VerifierService(Service):
             self.counters["bad_batches"] += 1
             log.warning("bad_batch", reason=err.message)
         try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=True) \
-                if len(data) <= MAX_PAYLOAD_BYTES else None
-        except Exception:
+            raw = msgspec.msgpack.decode(data)
+        except Exception:  # noqa: BLE001 - not msgpack at all: nothing to salvage
             raw = None
         if not isinstance(raw, dict):
             return None, [], [], 0
@@ -251,104 +268,162 @@ class VerifierService(Service):
         rejected: list[tuple[str, WispError]] = []
         for item in items:
             try:
-                if not isinstance(item, dict):
-                    raise WispError(ErrorCode.BAD_REQUEST, "batch entry is not a map")
-                entries.append(from_dict(BatchEntry, {**item, "v": 1}))
-            except WispError as err:
+                entries.append(msgspec.convert(item, BatchEntry))
+            except msgspec.ValidationError as exc:
                 reply_to = item.get("reply_to") if isinstance(item, dict) else None
                 if is_publish_subject(reply_to):
-                    rejected.append((reply_to, err))
+                    rejected.append((reply_to, WispError(ErrorCode.BAD_REQUEST,
+                                                         f"BatchEntry: {exc}")))
         return batch_id, entries, rejected, len(items)
 
-    async def _verify(self, entries: list[BatchEntry], queue_ms: float, size: int) -> _Shape:
-        """Load what the core lacks, run one core call, commit and answer every entry."""
+    async def _verify(self, entries: list[BatchEntry]) -> tuple[list[Verified | WispError],
+                                                                  _Shape]:
+        """Load what the core lacks, then one core call for the batch."""
         requests = [e.request for e in entries]
-        outcomes: list[VerifyOutcome | WispError | None]
+        outcomes: list[Verified | WispError | None]
         try:
-            outcomes = list(await ensure_sessions(self.core, self.store, requests))
+            outcomes = list(await ensure_sessions(self.core, self.store, self._core_lock,
+                                                  requests))
         except Exception:
             log.exception("session_load_failed")
-            outcomes = [WispError(ErrorCode.INTERNAL, "session store unavailable; retry the round")
+            outcomes = [WispError(ErrorCode.UNAVAILABLE,
+                                  "session store unavailable; retry the round")
                         for _ in requests]
         todo = [i for i, o in enumerate(outcomes) if o is None]
-        # A round the core answers from memory (a retry) costs no forward pass.
-        replays = {i for i in todo
-                   if self.core.sessions[requests[i].sid].last_round == requests[i].round}
         shape = _Shape()
         if todo:
-            items = [requests[i].to_item() for i in todo]
-            started = time.perf_counter()
-            try:
-                results = await asyncio.to_thread(self.core.verify_batch, items)
-            except Exception:
-                log.exception("verify_batch_failed", size=len(items))
-                for i in todo:  # their core state is unknown now: rebuild from Redis next time
-                    self.core.close_session(requests[i].sid)
-                results = [WispError(ErrorCode.INTERNAL, "verification failed; retry the round")
-                           for _ in todo]
-            shape.batch_ms = (time.perf_counter() - started) * 1e3
+            batch = [requests[i] for i in todo]
+            async with self._core_lock:
+                started = time.perf_counter()
+                try:
+                    results = await asyncio.to_thread(self.core.verify_batch, batch)
+                except Exception:
+                    log.exception("verify_batch_failed", size=len(batch))
+                    for r in batch:  # their core state is unknown now: rebuild from Redis
+                        self.core.close_session(r.sid)
+                    results = [WispError(ErrorCode.UNAVAILABLE,
+                                         "verification failed; retry the round")
+                               for _ in batch]
+                shape.batch_ms = (time.perf_counter() - started) * 1e3
             for i, result in zip(todo, results, strict=True):
                 outcomes[i] = result
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, VerifyOutcome) and i not in replays:
+        for outcome in outcomes:
+            if isinstance(outcome, Verified) and not outcome.replayed:
                 shape.add(outcome)
+        return outcomes, shape  # type: ignore[return-value]
+
+    def _lengths(self, entries: list[BatchEntry]) -> list[SessionLength]:
+        """Where each session of the batch stands now (the scheduler's session table)."""
+        out = []
+        for sid in dict.fromkeys(e.request.sid for e in entries):
+            session = self.core.sessions.get(sid)
+            if session is not None:
+                out.append(SessionLength(sid=sid, committed_len=len(session.committed),
+                                         cached_len=self.core.runner.cached_len(sid)))
+        return out
+
+    async def _answer_all(self, entries: list[BatchEntry], outcomes: list[Verified | WispError],
+                          queue_ms: float, batch_ms: float, size: int) -> None:
         limit = asyncio.Semaphore(_REDIS_CONCURRENCY)
 
-        async def answer(entry: BatchEntry, outcome: VerifyOutcome | WispError) -> None:
+        async def answer(entry: BatchEntry, outcome: Verified | WispError) -> None:
             async with limit:
-                await self._answer(entry, outcome, queue_ms, shape.batch_ms, size)
+                await self._answer(entry, outcome, queue_ms, batch_ms, size)
 
         await asyncio.gather(*(answer(e, o) for e, o in zip(entries, outcomes, strict=True)))
-        return shape
 
-    async def _answer(self, entry: BatchEntry, outcome: VerifyOutcome | WispError,
+    async def _answer(self, entry: BatchEntry, outcome: Verified | WispError,
                       queue_ms: float, batch_ms: float, size: int) -> None:
         """Commit (before replying, always), then reply to the entry's inbox."""
-        sid = entry.request.sid
-        with structlog.contextvars.bound_contextvars(sid=sid, round=entry.request.round):
+        request = entry.request
+        with structlog.contextvars.bound_contextvars(sid=request.sid, round=request.round):
             if isinstance(outcome, WispError):
-                await self._reply_error(entry.reply_to, outcome, sid)
+                await self._reply_error(entry.reply_to, outcome, request.sid)
                 return
+            result = msgspec.structs.replace(outcome.result, queue_ms=queue_ms,
+                                             batch_ms=batch_ms, batch_size=size)
             try:
-                result = VerifyResult.from_outcome(outcome, queue_ms, batch_ms, size)
-                payload, status = await commit_round(self.core, self.store, entry.request,
-                                                     outcome, encode(result))
+                payload = await self._commit(request, result, encode(result))
             except WispError as err:
-                await self._reply_error(entry.reply_to, err, sid)
+                await self._reply_error(entry.reply_to, err, request.sid)
                 return
             except Exception:
                 log.exception("commit_failed")
-                self.core.close_session(sid)  # the core ran ahead of Redis
+                await self._forget(request.sid)  # the core ran ahead of Redis
                 await self._reply_error(entry.reply_to, WispError(
-                    ErrorCode.INTERNAL, "could not commit the round; retry it"), sid)
+                    ErrorCode.UNAVAILABLE, "could not commit the round; retry it"), request.sid)
                 return
-            self.counters[f"commit:{status.name.lower()}"] += 1
             try:
                 await self.nc.publish(entry.reply_to, payload)
             except Exception:  # committed: a retry of the round gets the stored result
                 log.exception("reply_failed")
+            if not outcome.replayed:
+                await publish_event(self.nc, VerdictEvent(
+                    ts_ms=now_ms(), sid=request.sid, round=request.round,
+                    device_id=request.device_id, greedy=outcome.greedy,
+                    num_drafted=result.num_drafted, num_accepted=result.num_accepted,
+                    draft_features=request.draft_features))
+
+    async def _commit(self, request, result, blob: bytes) -> bytes:
+        """Commit a verified round to Redis; the payload to reply with (`blob`, or the stored
+        result of a replayed round), or raise the error to reply with. Whenever Redis refuses
+        the core's view, the core forgets the session so the next batch reloads it."""
+        sid = request.sid
+        status, committed = await self.store.commit_round(sid, request.round, request.base_len,
+                                                          result.new_tokens, blob,
+                                                          result.finished)
+        self.counters[f"commit:{status.name.lower()}"] += 1
+        if status == CommitStatus.APPLIED:
+            if result.finished:
+                await self._forget(sid)  # free its KV now; a retry of this round reloads it
+            return blob
+        if status == CommitStatus.REPLAYED:
+            record = await self.store.load(sid)
+            if record is None or not record.last_result:
+                await self._forget(sid)
+                raise WispError(ErrorCode.UNKNOWN_SESSION, f"unknown session {sid}")
+            async with self._core_lock:
+                session = self.core.sessions.get(sid)
+                if session is not None and session.committed != record.tokens:
+                    self.core.close_session(sid)  # another verifier committed this round
+            return record.last_result
+        await self._forget(sid)
+        if status == CommitStatus.MISMATCH:
+            raise WispError(ErrorCode.BASE_MISMATCH,
+                            f"round {request.round} of session {sid} drafts from "
+                            f"{request.base_len} committed tokens but the store holds "
+                            f"{committed}")
+        raise WispError(ErrorCode.UNKNOWN_SESSION, f"unknown session {sid}")
+
+    async def _forget(self, sid: str) -> None:
+        async with self._core_lock:
+            self.core.close_session(sid)
 
     async def _reply_error(self, reply_to: str, err: WispError, sid: str | None) -> None:
         self.counters[f"error:{err.code}"] += 1
         log.warning("verify_error", code=str(err.code), reason=err.message)
         try:
             await self.nc.publish(reply_to, error_reply(err))
-            await self.nc.publish(event("error"), encode(Event(
-                kind="error", ts_ms=now_ms(), sid=sid,
-                fields={"service": self.name, "code": str(err.code)})))
         except Exception:
             log.exception("reply_failed")
+        await publish_event(self.nc, ErrorEvent(ts_ms=now_ms(), service=self.name,
+                                                code=str(err.code), sid=sid))
 
-    async def _publish_done(self, batch_id: str, size: int, shape: _Shape) -> None:
+    async def _publish_done(self, batch_id: str, size: int, shape: _Shape,
+                            lengths: list[SessionLength]) -> None:
         done = BatchDone(verifier_id=self.vid, batch_id=batch_id, batch_ms=shape.batch_ms,
                          size=size, num_linear=shape.num_linear,
-                         num_interactions=shape.num_interactions, num_cached=shape.num_cached)
-        await self.nc.publish(verifier_done(self.vid), encode(done))
-        fields = {"verifier_id": self.vid, "size": size, "batch_ms": shape.batch_ms,
-                  "num_linear": shape.num_linear, "num_interactions": shape.num_interactions,
-                  "num_cached": shape.num_cached, "queue_depth": self.queue_depth}
-        await self.nc.publish(event(EVENT_BATCH), encode(Event(kind=EVENT_BATCH,
-                                                               ts_ms=now_ms(), fields=fields)))
+                         num_interactions=shape.num_interactions, num_cached=shape.num_cached,
+                         sessions=lengths)
+        try:
+            await self.nc.publish(verifier_done(self.vid), encode(done))
+        except Exception:
+            log.exception("done_publish_failed")
+        await publish_event(self.nc, BatchEvent(
+            ts_ms=now_ms(), verifier_id=self.vid, batch_id=batch_id, size=size,
+            batch_ms=shape.batch_ms, num_linear=shape.num_linear,
+            num_interactions=shape.num_interactions, num_cached=shape.num_cached,
+            queue_depth=self.queue_depth))
 
     # -- heartbeats -------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
@@ -358,7 +433,9 @@ class VerifierService(Service):
                          hardware=self._hardware,
                          free_blocks=blocks.num_free_blocks if blocks else 0,
                          total_blocks=blocks.num_blocks if blocks else 0,
-                         num_sessions=len(self.core.sessions), ts_ms=now_ms())
+                         block_size=blocks.block_size if blocks else 1,
+                         num_sessions=len(self.core.sessions), limits=self.limits,
+                         ts_ms=now_ms())
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -2,32 +2,46 @@
 
 :class:`MetricsAggregator` keeps Prometheus metrics in its own ``CollectorRegistry`` (counters
 and histograms for scraping) and the raw samples that ``summary()`` needs for exact
-percentiles and goodput. Event fields are those of docs/services.md "Events":
+percentiles and goodput. Events are the typed structs of :mod:`common.protocol` (``AnyEvent``),
+one handler per class:
 
-* ``request``: mode, num_tokens, ttft_ms, tpot_ms, e2e_ms, slo_ttft_ms, slo_tpot_ms, slo_met,
-  rounds, drafted, accepted, finish_reason
-* ``round``: mode, round, drafted, accepted, draft_ms, wasted_draft_ms, rtt_ms, budget_ms
-* ``batch``: verifier_id, size, batch_ms, num_linear, num_interactions, num_cached, queue_depth
-* ``error``: service, code
+* :class:`~common.protocol.RequestEvent` (``request``): a finished generation — mode,
+  num_tokens, timings (TTFT, TPOT, E2E), slo (None: the request has none), stats (rounds,
+  drafted, accepted over the whole request), finish_reason;
+* :class:`~common.protocol.RoundEvent` (``round``): one round as the edge saw it — drafted,
+  accepted, wasted_draft_ms, ...;
+* :class:`~common.protocol.VerdictEvent` (``verdict``): one verified round as the verifier saw
+  it — num_drafted, num_accepted, greedy, draft_features;
+* :class:`~common.protocol.BatchEvent` (``batch``): one verification batch — verifier_id, size,
+  batch_ms, queue_depth, ...;
+* :class:`~common.protocol.ErrorEvent` (``error``): service, code.
+
+Their schema is checked once, where they are decoded (``decode(AnyEvent, data)``: types, ranges,
+names, accepted ≤ drafted); an aggregator trusts what it is given. A payload that does not
+decode (bad msgpack, an unknown type tag, a missing, unknown or ill-typed field) is never
+observed: the service counts it with :meth:`MetricsAggregator.count_malformed`, and nothing
+else changes.
 
 Definitions (DESIGN.md §7):
 
 * a request **meets its SLO** when TTFT ≤ its TTFT SLO and TPOT ≤ its TPOT SLO — always
-  recomputed here from the timings (the sender's ``slo_met`` is not trusted); a request whose
-  SLO bounds are absent or 0 has no SLO; a request that failed (``finish_reason == "error"``)
-  or produced no token misses it; TPOT of a one-token request is undefined and does not fail
-  the SLO;
+  recomputed here from the timings; a request whose ``slo`` is None has no SLO; a request that
+  failed (``finish_reason == "error"``) or produced no token misses it; TPOT of a one-token
+  request is undefined and does not fail the SLO;
 * SLO attainment = met / requests that carry an SLO (requests without one are reported apart);
 * goodput = output tokens (and requests) per second of requests that met their SLO, over the
   mode's observed window: from the start of its earliest request (receipt − e2e) to the
   receipt of its latest, on this process's clock (edge and server clocks are not synchronised);
 * acceptance length = accepted draft tokens per round; acceptance rate = accepted / drafted;
-  WDT = Σ ``wasted_draft_ms`` of rounds.
+  WDT = Σ ``wasted_draft_ms`` of rounds. These come from round events (the edge's view); the
+  per-request totals of request events (``stats``) are reported apart (``per_request``) so
+  that a round is never counted twice, and verdict events (the verifier's view, no mode) are
+  reported apart too (``verdicts``).
 
 Latency histograms and percentiles cover requests that did not fail. Percentiles use the last
 ``max_samples`` requests per mode (and batches), so memory stays bounded in a long run.
-Unknown event kinds and unknown fields are ignored; an event whose known fields are missing or
-ill-typed is counted as malformed and otherwise ignored.
+Errors are counted by (service, code) up to ``MAX_ERROR_SERIES`` distinct pairs; new pairs past
+that share one series (``ERROR_OVERFLOW`` for both labels), so series stay bounded too.
 """
 
 from __future__ import annotations
@@ -42,22 +56,32 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.protocol import MODES, Event
-from common.subjects import EVENT_BATCH, EVENT_REQUEST, EVENT_ROUND, is_name, is_safe_token
+from common.protocol import (
+    AnyEvent,
+    BatchEvent,
+    ErrorEvent,
+    RequestEvent,
+    RoundEvent,
+    VerdictEvent,
+)
 
 __all__ = [
-    "EVENT_ERROR",
-    "MalformedEvent",
+    "DEFAULT_MAX_SAMPLES",
+    "ERROR_OVERFLOW",
+    "MAX_ERROR_SERIES",
+    "UNDECODABLE",
     "MetricsAggregator",
+    "event_kind",
     "percentile",
     "slo_outcome",
 ]
 
-EVENT_ERROR = "error"
 SLO_MET, SLO_MISSED, SLO_NONE = "met", "missed", "none"
+UNDECODABLE = "undecodable"  # the kind under which payloads that fail to decode are counted
 PERCENTILES = (50, 90, 99)
 DEFAULT_MAX_SAMPLES = 100_000
-MAX_ERROR_SERIES = 1000  # distinct (service, code) pairs
+MAX_ERROR_SERIES = 1000  # distinct (service, code) pairs, besides the overflow series
+ERROR_OVERFLOW = "other"  # service and code of the errors past MAX_ERROR_SERIES
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                   3.0, 5.0, 10.0, 20.0, 60.0)
@@ -71,11 +95,12 @@ BATCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
                    0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 
-class MalformedEvent(ValueError):
-    """An event of a known kind whose fields are missing or ill-typed."""
-
-
 # -- pure helpers -----------------------------------------------------------------------------
+def event_kind(event: AnyEvent) -> str:
+    """The event's type tag: the last token of its subject ``wisp.events.{kind}``."""
+    return type(event).__struct_config__.tag
+
+
 def percentile(sorted_values: list[float], q: float) -> float | None:
     """The ``q``-th percentile (0-100) of ascending ``sorted_values``, interpolating linearly
     between closest ranks (numpy's default); None when empty."""
@@ -87,63 +112,17 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def slo_outcome(f: dict[str, Any]) -> str:
-    """"met", "missed" or "none" (no SLO) for the fields of a ``request`` event."""
-    # An SLO bound is > 0 (protocol.Slo); 0 or absent means the request has none.
-    slo_ttft = _number(f, "slo_ttft_ms") or None
-    slo_tpot = _number(f, "slo_tpot_ms") or None
-    if slo_ttft is None and slo_tpot is None:
+def slo_outcome(event: RequestEvent) -> str:
+    """"met", "missed" or "none" (no SLO) for a finished request."""
+    slo = event.slo
+    if slo is None:
         return SLO_NONE
-    if f.get("finish_reason") == "error":
+    n = event.num_tokens
+    if event.finish_reason == "error" or n == 0:
         return SLO_MISSED
-    num_tokens = _count(f, "num_tokens", required=True)
-    ttft, tpot = _number(f, "ttft_ms"), _number(f, "tpot_ms")
-    met = True
-    if slo_ttft is not None:
-        met = met and num_tokens > 0 and ttft is not None and ttft <= slo_ttft
-    if slo_tpot is not None:
-        met = met and ((tpot is not None and tpot <= slo_tpot) if num_tokens >= 2
-                       else num_tokens > 0)
-    return SLO_MET if met else SLO_MISSED
-
-
-def _number(f: dict[str, Any], name: str, *, required: bool = False) -> float | None:
-    v = f.get(name)
-    if v is None:
-        if required:
-            raise MalformedEvent(f"missing field {name!r}")
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-        raise MalformedEvent(f"field {name!r} must be a finite number >= 0, got {v!r:.40}")
-    return float(v)
-
-
-def _count(f: dict[str, Any], name: str, *, required: bool = False) -> int | None:
-    v = f.get(name)
-    if v is None:
-        if required:
-            raise MalformedEvent(f"missing field {name!r}")
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise MalformedEvent(f"field {name!r} must be an integer >= 0, got {v!r:.40}")
-    return v
-
-
-def _mode(f: dict[str, Any]) -> str:
-    mode = f.get("mode")
-    if mode not in MODES:
-        raise MalformedEvent(f"field 'mode' must be one of {', '.join(MODES)}, got {mode!r:.40}")
-    return mode  # type: ignore[return-value]
-
-
-def _label(f: dict[str, Any], name: str, check: Callable[[object], bool],
-           *, required: bool) -> str | None:
-    v = f.get(name)
-    if v is None and not required:
-        return None
-    if not check(v):  # labels become Prometheus series: only well-formed, bounded names
-        raise MalformedEvent(f"field {name!r} is not a valid name: {v!r:.40}")
-    return v  # type: ignore[return-value]
+    ttft_ok = event.timings.ttft_ms <= slo.ttft_ms
+    tpot_ok = n < 2 or event.timings.tpot_ms <= slo.tpot_ms  # undefined for one token
+    return SLO_MET if ttft_ok and tpot_ok else SLO_MISSED
 
 
 def _quantiles_ms(values: Iterable[float]) -> dict[str, float | None]:
@@ -170,10 +149,15 @@ class _ModeStats:
     met_tokens: int = 0
     window_start_s: float = math.inf
     window_end_s: float = -math.inf
+    # From round events (the edge's view of each round).
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
     wasted_draft_ms: float = 0.0
+    # From request events' stats (each request's totals).
+    request_rounds: int = 0
+    request_drafted: int = 0
+    request_accepted: int = 0
     ttft_ms: deque = field(init=False)
     tpot_ms: deque = field(init=False)
     e2e_ms: deque = field(init=False)
@@ -208,12 +192,42 @@ class _ModeStats:
             "mean_acceptance_length": _round(_ratio(self.accepted, self.rounds), 4),
             "acceptance_rate": _round(_ratio(self.accepted, self.drafted), 4),
             "wasted_draft_s": _round(self.wasted_draft_ms / 1000.0, 6),
+            "per_request": {
+                "rounds": self.request_rounds,
+                "drafted": self.request_drafted,
+                "accepted": self.request_accepted,
+                "mean_rounds": _round(_ratio(self.request_rounds, self.requests), 4),
+                "tokens_per_round": _round(_ratio(self.output_tokens, self.request_rounds), 4),
+            },
+        }
+
+
+@dataclass(slots=True)
+class _VerdictStats:
+    """Verified rounds as the verifiers saw them (verdict events carry no mode)."""
+
+    count: int = 0
+    greedy: int = 0
+    with_features: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "greedy": self.greedy,
+            "with_features": self.with_features,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "mean_acceptance_length": _round(_ratio(self.accepted, self.count), 4),
+            "acceptance_rate": _round(_ratio(self.accepted, self.drafted), 4),
         }
 
 
 # -- the aggregator ---------------------------------------------------------------------------
 class MetricsAggregator:
-    """Feed it events with :meth:`observe`; scrape :attr:`registry`; read :meth:`summary`."""
+    """Feed it decoded events with :meth:`observe`; scrape :attr:`registry`; read
+    :meth:`summary`."""
 
     def __init__(self, *, max_samples: int = DEFAULT_MAX_SAMPLES,
                  clock: Callable[[], float] = time.monotonic):
@@ -224,9 +238,10 @@ class MetricsAggregator:
         self.registry = CollectorRegistry(auto_describe=True)
         self._init_metrics()
         self._modes: dict[str, _ModeStats] = {}
-        self._events: CounterMap = CounterMap()  # by kind ("other" for unknown kinds)
+        self._events: CounterMap = CounterMap()  # by kind (type tag)
         self._malformed: CounterMap = CounterMap()  # by kind
         self._errors: CounterMap = CounterMap()  # (service, code)
+        self._verdicts = _VerdictStats()
         self._batch_count = 0
         self._batch_size_sum = 0
         self._batch_ms: deque[float] = deque(maxlen=max_samples)
@@ -244,6 +259,9 @@ class MetricsAggregator:
                                 ["mode", "slo"], registry=r)
         self.output_tokens = Counter("wisp_output_tokens", "Output tokens of finished requests",
                                      ["mode"], registry=r)
+        self.request_rounds = Counter("wisp_request_rounds",
+                                      "Rounds of finished requests (their own totals)",
+                                      ["mode"], registry=r)
         self.draft_tokens = Counter("wisp_draft_tokens", "Draft tokens sent for verification",
                                     ["mode"], registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens", "Draft tokens accepted",
@@ -254,6 +272,12 @@ class MetricsAggregator:
         self.wasted_draft = Counter("wisp_wasted_draft_seconds",
                                     "Edge time spent drafting tokens that were rejected (WDT)",
                                     ["mode"], registry=r)
+        self.verdict_draft_tokens = Counter("wisp_verdict_draft_tokens",
+                                            "Draft tokens verified (the verifiers' view)",
+                                            registry=r)
+        self.verdict_accepted_tokens = Counter("wisp_verdict_accepted_tokens",
+                                               "Draft tokens accepted (the verifiers' view)",
+                                               registry=r)
         self.batch_size = Histogram("wisp_batch_size", "Requests per verification batch",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_seconds = Histogram("wisp_batch_seconds", "Verification batch time",
@@ -268,106 +292,101 @@ class MetricsAggregator:
                                  "Events that could not be used", ["kind"], registry=r)
 
     # -- input ------------------------------------------------------------------------------
-    def observe(self, event: Event, now_s: float | None = None) -> bool:
-        """Account one event received at ``now_s`` (this process's clock). False for an
-        unknown kind (counted, ignored); an event with bad fields is counted as malformed and
-        raises :class:`MalformedEvent` (nothing of it is applied)."""
-        now_s = self._clock() if now_s is None else now_s
-        handler = self._handlers.get(event.kind)
-        kind = event.kind if handler is not None else "other"
+    def observe(self, event: AnyEvent, now_s: float | None = None) -> None:
+        """Account one decoded event received at ``now_s`` (this process's clock).
+
+        ``event`` has passed ``decode(AnyEvent, ...)`` (or was built in Python by trusted
+        code); anything that is not an event is a bug and raises ``TypeError``."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise TypeError(f"not an event: {type(event).__name__}")
+        kind = event_kind(event)
         self._events[kind] += 1
         self.events.labels(kind).inc()
-        if handler is None:
-            return False
-        try:
-            handler(self, event.fields, now_s)
-        except MalformedEvent:
-            self.count_malformed(kind)
-            raise
-        return True
+        handler(self, event, self._clock() if now_s is None else now_s)
 
-    def count_malformed(self, kind: str = "undecodable") -> None:
-        """An event that could not be decoded at all, or whose fields were wrong."""
+    def count_malformed(self, kind: str = UNDECODABLE) -> None:
+        """A payload that could not be decoded (or, with its kind, an event that broke the
+        aggregator); nothing else is counted."""
         self._malformed[kind] += 1
         self.malformed.labels(kind).inc()
 
-    def _on_request(self, f: dict[str, Any], now_s: float) -> None:
-        mode = _mode(f)
-        num_tokens = _count(f, "num_tokens", required=True)
-        e2e_ms = _number(f, "e2e_ms", required=True)
-        ttft_ms, tpot_ms = _number(f, "ttft_ms"), _number(f, "tpot_ms")
-        outcome = slo_outcome(f)
-        failed = f.get("finish_reason") == "error"
-        # All checks passed: from here on nothing raises, so the event counts fully or not at all.
+    def _on_request(self, ev: RequestEvent, now_s: float) -> None:
+        mode, n, t = ev.mode, ev.num_tokens, ev.timings
+        outcome = slo_outcome(ev)
+        failed = ev.finish_reason == "error"
         stats = self._mode_stats(mode)
         stats.requests += 1
         stats.failed += failed
         stats.slo[outcome] += 1
-        stats.output_tokens += num_tokens
+        stats.output_tokens += n
         if outcome == SLO_MET:
-            stats.met_tokens += num_tokens
-        stats.window_start_s = min(stats.window_start_s, now_s - e2e_ms / 1000.0)
+            stats.met_tokens += n
+        stats.window_start_s = min(stats.window_start_s, now_s - t.e2e_ms / 1000.0)
         stats.window_end_s = max(stats.window_end_s, now_s)
+        stats.request_rounds += ev.stats.rounds
+        stats.request_drafted += ev.stats.drafted
+        stats.request_accepted += ev.stats.accepted
         self.requests.labels(mode, outcome).inc()
-        self.output_tokens.labels(mode).inc(num_tokens)
+        self.output_tokens.labels(mode).inc(n)
+        self.request_rounds.labels(mode).inc(ev.stats.rounds)
         if failed:
             return
-        self.e2e.labels(mode).observe(e2e_ms / 1000.0)
-        stats.e2e_ms.append(e2e_ms)
-        if ttft_ms is not None and num_tokens > 0:
-            self.ttft.labels(mode).observe(ttft_ms / 1000.0)
-            stats.ttft_ms.append(ttft_ms)
-        if tpot_ms is not None and num_tokens >= 2:
-            self.tpot.labels(mode).observe(tpot_ms / 1000.0)
-            stats.tpot_ms.append(tpot_ms)
+        self.e2e.labels(mode).observe(t.e2e_ms / 1000.0)
+        stats.e2e_ms.append(t.e2e_ms)
+        if n > 0:  # TTFT of a request without a token is undefined
+            self.ttft.labels(mode).observe(t.ttft_ms / 1000.0)
+            stats.ttft_ms.append(t.ttft_ms)
+        if n >= 2:  # TPOT of a one-token request is undefined
+            self.tpot.labels(mode).observe(t.tpot_ms / 1000.0)
+            stats.tpot_ms.append(t.tpot_ms)
 
-    def _on_round(self, f: dict[str, Any], now_s: float) -> None:
-        mode = _mode(f)
-        drafted = _count(f, "drafted", required=True)
-        accepted = _count(f, "accepted", required=True)
-        if accepted > drafted:
-            raise MalformedEvent(f"accepted ({accepted}) exceeds drafted ({drafted})")
-        wasted_ms = _number(f, "wasted_draft_ms") or 0.0
-        _count(f, "round")
-        _number(f, "draft_ms")
-        _number(f, "rtt_ms")
+    def _on_round(self, ev: RoundEvent, now_s: float) -> None:
+        mode = ev.mode
         stats = self._mode_stats(mode)
         stats.rounds += 1
-        stats.drafted += drafted
-        stats.accepted += accepted
-        stats.wasted_draft_ms += wasted_ms
-        self.draft_tokens.labels(mode).inc(drafted)
-        self.accepted_tokens.labels(mode).inc(accepted)
-        self.acceptance_length.labels(mode).observe(accepted)
-        self.wasted_draft.labels(mode).inc(wasted_ms / 1000.0)
+        stats.drafted += ev.drafted
+        stats.accepted += ev.accepted
+        stats.wasted_draft_ms += ev.wasted_draft_ms
+        self.draft_tokens.labels(mode).inc(ev.drafted)
+        self.accepted_tokens.labels(mode).inc(ev.accepted)
+        self.acceptance_length.labels(mode).observe(ev.accepted)
+        self.wasted_draft.labels(mode).inc(ev.wasted_draft_ms / 1000.0)
 
-    def _on_batch(self, f: dict[str, Any], now_s: float) -> None:
-        size = _count(f, "size", required=True)
-        batch_ms = _number(f, "batch_ms", required=True)
-        vid = _label(f, "verifier_id", is_safe_token, required=False)
-        depth = _count(f, "queue_depth")
+    def _on_verdict(self, ev: VerdictEvent, now_s: float) -> None:
+        v = self._verdicts
+        v.count += 1
+        v.greedy += ev.greedy
+        v.with_features += ev.draft_features is not None
+        v.drafted += ev.num_drafted
+        v.accepted += ev.num_accepted
+        self.verdict_draft_tokens.inc(ev.num_drafted)
+        self.verdict_accepted_tokens.inc(ev.num_accepted)
+
+    def _on_batch(self, ev: BatchEvent, now_s: float) -> None:
         self._batch_count += 1
-        self._batch_size_sum += size
-        self._batch_ms.append(batch_ms)
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(batch_ms / 1000.0)
-        if vid is not None and depth is not None:
-            self._queue_depth[vid] = depth
-            self.queue_depth.labels(vid).set(depth)
+        self._batch_size_sum += ev.size
+        self._batch_ms.append(ev.batch_ms)
+        self.batch_size.observe(ev.size)
+        self.batch_seconds.observe(ev.batch_ms / 1000.0)
+        self._queue_depth[ev.verifier_id] = ev.queue_depth
+        self.queue_depth.labels(ev.verifier_id).set(ev.queue_depth)
 
-    def _on_error(self, f: dict[str, Any], now_s: float) -> None:
-        service = _label(f, "service", is_name, required=True)
-        code = _label(f, "code", is_name, required=True)
+    def _on_error(self, ev: ErrorEvent, now_s: float) -> None:
+        service, code = ev.service, ev.code
         if (service, code) not in self._errors and len(self._errors) >= MAX_ERROR_SERIES:
-            code = "other"  # bound the number of series a noisy peer can create
+            # Bound the series a noisy peer can create: past the cap, every new pair shares
+            # one series (both labels, as service names are as open-ended as codes).
+            service = code = ERROR_OVERFLOW
         self._errors[(service, code)] += 1
         self.errors.labels(service, code).inc()
 
-    _handlers: dict[str, Callable[[MetricsAggregator, dict[str, Any], float], None]] = {
-        EVENT_REQUEST: _on_request,
-        EVENT_ROUND: _on_round,
-        EVENT_BATCH: _on_batch,
-        EVENT_ERROR: _on_error,
+    _handlers: dict[type, Callable[[MetricsAggregator, Any, float], None]] = {
+        RequestEvent: _on_request,
+        RoundEvent: _on_round,
+        VerdictEvent: _on_verdict,
+        BatchEvent: _on_batch,
+        ErrorEvent: _on_error,
     }
 
     def _mode_stats(self, mode: str) -> _ModeStats:
@@ -378,9 +397,10 @@ class MetricsAggregator:
 
     # -- output -----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """A JSON-able report: per mode, batches, errors, event counts."""
+        """A JSON-able report: per mode, verdicts, batches, errors, event counts."""
         return {
             "modes": {mode: self._modes[mode].summary() for mode in sorted(self._modes)},
+            "verdicts": self._verdicts.summary(),
             "batches": {
                 "count": self._batch_count,
                 "mean_size": _round(_ratio(self._batch_size_sum, self._batch_count), 3),

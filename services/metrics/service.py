@@ -1,6 +1,11 @@
 """The metrics service: subscribe to ``wisp.events.>``, aggregate, serve HTTP.
 
-Routes (besides /healthz and /readyz from ``common.service``):
+Every message on ``wisp.events.>`` is decoded once, with ``decode(AnyEvent, data)``: the type
+tag picks the event class and every field is checked there. A payload that does not decode is
+counted as malformed (``undecodable``), logged (rate-limited) and dropped; it never stops the
+subscription, and nothing else is counted.
+
+Routes (besides /healthz and /readyz from ``common.transport.service``):
 
 * ``GET /metrics`` — Prometheus text format of the aggregator's own registry;
 * ``GET /summary`` — :meth:`MetricsAggregator.summary` as JSON;
@@ -24,10 +29,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.config import BaseConfig
 from common.errors import WispError
-from common.protocol import Event, decode
-from common.service import Service
+from common.protocol import AnyEvent, decode
 from common.subjects import EVENTS_ALL, METRICS_QUEUE
-from services.metrics.aggregate import DEFAULT_MAX_SAMPLES, MalformedEvent, MetricsAggregator
+from common.transport.service import Service
+from services.metrics.aggregate import (
+    DEFAULT_MAX_SAMPLES,
+    UNDECODABLE,
+    MetricsAggregator,
+    event_kind,
+)
 
 __all__ = ["MetricsConfig", "MetricsService", "render_dashboard"]
 
@@ -76,19 +86,25 @@ class MetricsService(Service):
         return self._sub is not None
 
     async def _on_msg(self, msg: Msg) -> None:
+        self.handle(msg.subject, msg.data)
+
+    def handle(self, subject: str, data: bytes, now_s: float | None = None) -> None:
+        """Decode and account one event payload received on ``subject``; never raises."""
         try:
-            event = decode(Event, msg.data)
+            event = decode(AnyEvent, data)
         except WispError as exc:
-            self.aggregator.count_malformed()
-            self._log_bad(msg.subject, exc.message)
+            self.aggregator.count_malformed(UNDECODABLE)
+            self._log_bad(subject, exc.message)
+            return
+        except Exception:  # a decoder bug: still not a reason to stop the subscription
+            self.aggregator.count_malformed(UNDECODABLE)
+            log.exception("event_decode_failed", subject=subject)
             return
         try:
-            self.aggregator.observe(event)
-        except MalformedEvent as exc:
-            self._log_bad(msg.subject, str(exc))
+            self.aggregator.observe(event, now_s)
         except Exception:  # a bug here must not stop the subscription
-            self.aggregator.count_malformed(event.kind)
-            log.exception("event_failed", subject=msg.subject)
+            self.aggregator.count_malformed(event_kind(event))
+            log.exception("event_failed", subject=subject)
 
     def _log_bad(self, subject: str, reason: str) -> None:
         self._num_bad += 1
@@ -129,6 +145,14 @@ _MODE_COLUMNS = (
     ("WDT s", "wasted_draft_s"),
 )
 
+_VERDICT_COLUMNS = (
+    ("rounds", "count"),
+    ("greedy", "greedy"),
+    ("with features", "with_features"),
+    ("accept len", "mean_acceptance_length"),
+    ("accept rate", "acceptance_rate"),
+)
+
 _STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
@@ -161,6 +185,8 @@ def render_dashboard(summary: dict[str, Any], refresh_s: int = 5) -> str:
     modes = summary.get("modes", {})
     mode_rows = [[mode] + [stats.get(key) for _, key in _MODE_COLUMNS]
                  for mode, stats in modes.items()]
+    verdicts = summary.get("verdicts", {})
+    verdict_rows = [[verdicts.get(key) for _, key in _VERDICT_COLUMNS]] if verdicts else []
     batches = summary.get("batches", {})
     batch_row = [[batches.get("count"), batches.get("mean_size"), batches.get("batch_ms")]]
     depth_rows = [[vid, depth] for vid, depth in batches.get("queue_depth", {}).items()]
@@ -178,6 +204,8 @@ def render_dashboard(summary: dict[str, Any], refresh_s: int = 5) -> str:
 <a href="/summary">/summary</a> · <a href="/metrics">/metrics</a></p>
 <h2>Requests by mode</h2>
 {_table(["mode"] + [h for h, _ in _MODE_COLUMNS], mode_rows, "no requests yet")}
+<h2>Verified rounds (verifiers' view)</h2>
+{_table([h for h, _ in _VERDICT_COLUMNS], verdict_rows, "no verdicts yet")}
 <h2>Verification batches</h2>
 {_table(["batches", "mean size", "batch p50/p90/p99 ms"], batch_row, "")}
 {_table(["verifier", "queue depth"], depth_rows, "no queue depth reported")}

@@ -8,12 +8,12 @@ equals the target's own greedy output token for token.
 import pytest
 import torch
 
+from common.engine.inprocess import GenerationRequest, InProcessEngine
+from common.engine.policies import FixedK
 from common.models.loading import load_pair
 from common.models.paged_runner import PagedRunner
 from common.models.reference import hf_greedy
 from common.models.runner import ForwardItem
-from services.edge_drafter.policies import FixedK
-from services.inprocess import GenerationRequest, InProcessEngine
 from tests.shipped import held_out_prompts
 from tests.unit.tiny_random_models import random_tokens, reference_logits, tiny_llama, tiny_qwen2
 

@@ -193,7 +193,7 @@ async def test_resume_after_stall_yields_each_token_once(nc: NatsClient,
     assert gen.num_resumes == 1 and gen.done is not None
     first, resumed = seen
     assert resumed.prompt is None and resumed.resume_sid == SID
-    assert (resumed.mode, resumed.max_new_tokens, resumed.temperature, resumed.seed) == \
+    assert (resumed.mode, resumed.max_new_tokens, resumed.sampling.temperature, resumed.seed) == \
         ("wisp", 6, 0.5, 3)
 
 

@@ -157,10 +157,11 @@ async def test_bad_input_gets_clear_errors_while_others_continue(stack, cases, n
         assert err.value.code == ErrorCode.PROMPT_TOO_LONG
 
         # A draft longer than k_max, sent for a real session.
+        spec = wire.SessionSpec(sid=wire.new_sid(), mode="sled", max_new_tokens=8,
+                                device_id="test", k_max=8)
         opened = wire.decode_reply(wire.SessionOpened, (await nc.request(SESSION_OPEN, wire.encode(
-            wire.SessionOpen(sid=wire.new_sid(), mode="sled", prompt_ids=prompts[1],
-                             max_new_tokens=8, device_id="test", k_max=8))
-        , timeout=10)).data)
+            wire.SessionOpen(spec=spec, prompt_ids=prompts[1], vocab=target.vocab_info)),
+            timeout=10)).data)
         too_long = wire.VerifyRequest(sid=opened.sid, round=0, base_len=len(prompts[1]),
                                       draft_ids=[1] * 12, budget_ms=1000.0, draft_ms=0.0,
                                       device_id="test")

@@ -20,27 +20,32 @@ from nats.aio.msg import Msg
 
 from common.errors import ErrorCode, WispError
 from common.protocol import (
+    AnyEvent,
     BatchDone,
-    Event,
+    ErrorEvent,
     GenerateDone,
     GenerateRequest,
     Heartbeat,
-    Sampling,
+    ModelLimits,
+    SamplingParams,
     SessionClose,
     SessionClosed,
+    SessionLength,
     SessionOpen,
     SessionOpened,
+    SessionSpec,
     Slo,
     TokenChunk,
     VerifierBatch,
     VerifyRequest,
     VerifyResult,
+    VocabInfo,
     decode,
     decode_reply,
     encode,
     new_sid,
 )
-from common.service import run_service
+from common.store import SessionStore, now_ms
 from common.subjects import (
     DEADLINES_KEY,
     SERVER_GENERATE,
@@ -55,10 +60,19 @@ from common.subjects import (
     verifier_batch,
     verifier_done,
 )
+from common.transport.service import run_service
+from services.admission_scheduler.batching import FCFSPolicy, Selection
 from services.admission_scheduler.service import SchedulerConfig, SchedulerService
 
 TIMEOUT_S = 5.0
 HEARTBEAT_S = 0.1
+VOCAB = VocabInfo(size=100, digest="0123456789abcdef")
+
+
+def limits(k_max: int = 8, max_context: int = 2048, max_prompt_tokens: int = 64,
+           vocab: VocabInfo = VOCAB) -> ModelLimits:
+    return ModelLimits(vocab=vocab, k_max=k_max, max_context=max_context,
+                       max_prompt_tokens=max_prompt_tokens)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
@@ -69,8 +83,9 @@ async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> No
 
 class FakeVerifier:
     def __init__(self, nc: NatsClient, vid: str, free_blocks: int = 100, hold: bool = False,
-                 finish_at: int | None = None):
+                 finish_at: int | None = None, model_limits: ModelLimits | None = None):
         self.nc, self.vid, self.free_blocks, self.hold = nc, vid, free_blocks, hold
+        self.limits = model_limits or limits()
         self.finish_at = finish_at  # committed length at which a session is finished
         self.batches: list[VerifierBatch] = []
         self.answered: set[str] = set()  # batch ids
@@ -105,9 +120,13 @@ class FakeVerifier:
                 queue_ms=0.0,
                 batch_ms=1.0, batch_size=len(batch.items))))
         n = sum(len(e.request.draft_ids) + 1 for e in batch.items)
+        lengths = [SessionLength(sid=e.request.sid, committed_len=e.request.base_len + k,
+                                 cached_len=e.request.base_len + k - 1)
+                   for e in batch.items for k in [len(e.request.draft_ids) + 1]]
         await self.nc.publish(verifier_done(self.vid), encode(BatchDone(
             verifier_id=self.vid, batch_id=batch.batch_id, batch_ms=1.0,
-            size=len(batch.items), num_linear=n, num_interactions=n * 10, num_cached=n * 9)))
+            size=len(batch.items), num_linear=n, num_interactions=n * 10, num_cached=n * 9,
+            sessions=lengths)))
         self.answered.add(batch.batch_id)
 
     def sids(self, i: int) -> list[str]:
@@ -122,7 +141,7 @@ class FakeVerifier:
     async def _beat(self) -> None:
         await self.nc.publish(VERIFIER_HEARTBEAT, encode(Heartbeat(
             verifier_id=self.vid, model="fake", hardware="cpu", free_blocks=self.free_blocks,
-            total_blocks=100, num_sessions=0, ts_ms=0.0)))
+            total_blocks=100, block_size=16, num_sessions=0, limits=self.limits, ts_ms=0.0)))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -151,8 +170,10 @@ async def running_scheduler(nats_url: str, redis_url: str,
 
 @contextlib.asynccontextmanager
 async def fake_verifiers(nc: NatsClient, service: SchedulerService,
-                         *specs: tuple[str, int, bool]) -> AsyncIterator[list[FakeVerifier]]:
-    fakes = [FakeVerifier(nc, vid, free, hold) for vid, free, hold in specs]
+                         *specs: tuple) -> AsyncIterator[list[FakeVerifier]]:
+    """specs: (verifier id, free blocks, hold[, ModelLimits])."""
+    fakes = [FakeVerifier(nc, vid, free, hold, model_limits=rest[0] if rest else None)
+             for vid, free, hold, *rest in specs]
     try:
         for fake in fakes:
             await fake.start()
@@ -163,9 +184,11 @@ async def fake_verifiers(nc: NatsClient, service: SchedulerService,
             await fake.close()
 
 
-def session_open(sid: str | None = None, n_prompt: int = 5, **kw) -> SessionOpen:
-    return SessionOpen(sid=sid or new_sid(), mode="sled", prompt_ids=list(range(1, n_prompt + 1)),
-                       max_new_tokens=16, device_id="dev-1", k_max=4, **kw)
+def session_open(sid: str | None = None, n_prompt: int = 5, vocab: VocabInfo = VOCAB,
+                 **kw) -> SessionOpen:
+    spec = SessionSpec(**{"sid": sid or new_sid(), "mode": "sled", "max_new_tokens": 16,
+                          "device_id": "dev-1", "k_max": 4, **kw})
+    return SessionOpen(spec=spec, prompt_ids=list(range(1, n_prompt + 1)), vocab=vocab)
 
 
 async def open_session(nc: NatsClient, **kw) -> SessionOpened:
@@ -199,7 +222,7 @@ async def test_open_routes_to_least_loaded_live_verifier_and_writes_redis(
     async with (running_scheduler(nats_url, redis_url) as service,
                 fake_verifiers(nc, service, ("va", 10, False), ("vb", 50, False))):
         first = await open_session(nc, seed=42, slo=Slo(ttft_ms=300.0, tpot_ms=40.0),
-                                   sampling=Sampling(temperature=0.7, top_p=0.9, top_k=20))
+                                   sampling=SamplingParams(temperature=0.7, top_p=0.9, top_k=20))
         second = await open_session(nc)
         third = await open_session(nc)
         # Ties on session count go to the verifier with more free KV blocks.
@@ -207,24 +230,30 @@ async def test_open_routes_to_least_loaded_live_verifier_and_writes_redis(
         assert first.committed_len == 5
 
         raw = await redis_client.hgetall(session_key(first.sid))
-        fields = {k.decode(): v.decode() for k, v in raw.items() if k != b"last_result"}
-        assert fields | {"created_ms": "x", "last_round_ms": "x"} == {
-            "mode": "sled", "prompt_len": "5", "max_new_tokens": "16", "verifier_id": "vb",
-            "committed_len": "5", "temperature": "0.7", "top_p": "0.9", "top_k": "20",
-            "draft_top_m": "8", "seed": "42", "k_max": "4", "slo_ttft_ms": "300.0",
-            "slo_tpot_ms": "40.0", "device_id": "dev-1", "created_ms": "x",
-            "last_round_ms": "x", "last_round": "-1", "state": "active"}
+        assert set(raw) == {b"spec", b"vocab", b"prompt_len", b"verifier_id", b"committed_len",
+                            b"last_round", b"state", b"created_ms", b"last_round_ms",
+                            b"last_result"}
+        record = await SessionStore(redis_client).load(first.sid)
+        assert record.spec == session_open(
+            sid=first.sid, seed=42, slo=Slo(ttft_ms=300.0, tpot_ms=40.0),
+            sampling=SamplingParams(temperature=0.7, top_p=0.9, top_k=20)).spec
+        assert (record.vocab, record.prompt_len, record.verifier_id, record.committed_len,
+                record.last_round, record.state) == (VOCAB, 5, "vb", 5, -1, "active")
         assert await redis_client.lrange(session_tokens_key(first.sid), 0, -1) == \
             [b"1", b"2", b"3", b"4", b"5"]
-        raw = await redis_client.hgetall(session_key(second.sid))
-        assert (raw[b"seed"], raw[b"slo_tpot_ms"]) == (b"-1", b"0.0")
+        second_record = await SessionStore(redis_client).load(second.sid)
+        assert (second_record.spec.seed, second_record.spec.slo) == (None, None)
+        # The session table holds what a policy needs: SLO, lengths.
+        entry = service.registry.sessions.get(first.sid)
+        assert (entry.spec.slo.tpot_ms, entry.prompt_len, entry.committed_len,
+                entry.cached_len) == (40.0, 5, 5, 0)
         assert service.registry.num_sessions("vb") == 2
 
         (route,) = service.routes()  # GET /verifiers
         snapshot = json.loads((await route.handler(None)).text)
         assert [(v["id"], v["alive"], v["sessions"], v["free_blocks"], v["queue_depth"],
                  v["in_flight"]) for v in snapshot["verifiers"]] == [
-            ("va", True, 1, 10, 0, None), ("vb", True, 2, 50, 0, None)]
+            ("va", True, 1, 10, 0, []), ("vb", True, 2, 50, 0, [])]
         assert snapshot["counters"]["sessions_opened"] == 3
 
 
@@ -316,19 +345,19 @@ async def test_unknown_session_and_closed_session(
 
 async def test_bad_input_is_answered_and_others_still_work(
         nats_url: str, redis_url: str, nc: NatsClient) -> None:
-    errors: list[Event] = []
+    errors: list[ErrorEvent] = []
 
     async def on_error(msg: Msg) -> None:
-        errors.append(decode(Event, msg.data))
+        errors.append(decode(AnyEvent, msg.data))
 
     await nc.subscribe(event("error"), cb=on_error)
-    async with (running_scheduler(nats_url, redis_url, max_prompt_tokens=8) as service,
-                fake_verifiers(nc, service, ("v1", 10, False))):
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v1", 10, False, limits(max_prompt_tokens=8)))):
         for subject in (VERIFY_SUBMIT, SESSION_OPEN, SERVER_GENERATE):
             err = await request_error(nc, subject, b"\xc1\x00garbage")
             assert err.code == ErrorCode.BAD_REQUEST, subject
         err = await request_error(nc, VERIFY_SUBMIT, encode(verify_request("s1")) + b"x")
-        assert err.code == ErrorCode.BAD_REQUEST and "extra bytes" in err.message
+        assert err.code == ErrorCode.BAD_REQUEST and "not valid msgpack" in err.message
         err = await request_error(nc, SESSION_OPEN, encode(session_open(n_prompt=9)))
         assert err.code == ErrorCode.PROMPT_TOO_LONG
 
@@ -345,7 +374,7 @@ async def test_bad_input_is_answered_and_others_still_work(
         assert service.counters["error.bad_request"] == 6
         assert service.counters["error.prompt_too_long"] == 1
         await until(lambda: len(errors) == 7)
-        assert {(e.fields["service"], e.fields["code"]) for e in errors} == {
+        assert {(e.service, e.code) for e in errors} == {
             ("admission-scheduler", "bad_request"), ("admission-scheduler", "prompt_too_long")}
 
 
@@ -394,8 +423,9 @@ async def test_stop_waits_for_the_batch_in_flight(
         assert (await pending).sid == opened.sid
 
 
-def save_tiny_target(folder: Path) -> None:
-    """A target folder with only what the scheduler reads: a tokenizer and a config."""
+def save_tiny_target(folder: Path) -> VocabInfo:
+    """A target folder with only what the scheduler reads: a tokenizer and a config; returns
+    its vocabulary as a verifier of that model would advertise it."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -408,14 +438,17 @@ def save_tiny_target(folder: Path) -> None:
                             eos_token="w1").save_pretrained(folder)
     LlamaConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                 num_attention_heads=2, eos_token_id=1).save_pretrained(folder)
+    from common.models.vocab import vocab_info
+
+    return vocab_info(20, PreTrainedTokenizerFast.from_pretrained(folder), 1)
 
 
 async def test_centralized_generation_runs_rounds_through_the_scheduler(
         nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis,
         tmp_path: Path) -> None:
-    save_tiny_target(tmp_path)
+    vocab = save_tiny_target(tmp_path)
     async with (running_scheduler(nats_url, redis_url, target_model=str(tmp_path)) as service,
-                fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
+                fake_verifiers(nc, service, ("v1", 10, False, limits(vocab=vocab))) as (fake,)):
         fake.finish_at = 6  # 3 prompt tokens + max_new_tokens
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
@@ -437,4 +470,114 @@ async def test_centralized_generation_runs_rounds_through_the_scheduler(
         sid = fake.batches[0].items[0].request.sid
         await until(lambda: service.registry.verifier_of(sid) is None)  # closed at the end
         assert await redis_client.hget(session_key(sid), "state") == b"closed"
-        assert await redis_client.hget(session_key(sid), "device_id") == b"server"
+        assert (await SessionStore(redis_client).load(sid)).spec.device_id == "server"
+
+
+async def test_limits_are_agreed_at_open_and_a_mismatch_is_refused_there(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v8", 90, False, limits(k_max=8)),
+                               ("v16", 10, False, limits(k_max=16)))):
+        # k_max 16 fits only v16 (though v8 has more free blocks): it goes there.
+        assert (await open_session(nc, k_max=16)).verifier_id == "v16"
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(k_max=32)))
+        assert err.code == ErrorCode.DRAFT_TOO_LONG
+        assert "k_max 32 exceeds the k_max of verifier v8 (8)" in err.message
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(max_new_tokens=2040)))
+        assert err.code == ErrorCode.SEQUENCE_TOO_LONG and "context of verifier" in err.message
+        other = VocabInfo(size=100, digest="f" * 16)
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(vocab=other)))
+        assert err.code == ErrorCode.VOCABULARY_MISMATCH and "ffff" in err.message
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(n_prompt=100)))
+        assert err.code == ErrorCode.OUT_OF_VOCABULARY  # prompt id 100 >= vocabulary of 100
+        assert service.counters["sessions_opened"] == 1
+
+
+async def test_a_draft_over_the_sessions_k_max_is_refused_at_submit(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
+        opened = await open_session(nc, k_max=2)
+        with pytest.raises(WispError) as info:
+            await submit(nc, verify_request(opened.sid))  # 3 drafted tokens
+        assert info.value.code == ErrorCode.DRAFT_TOO_LONG
+        assert "the session's k_max is 2" in info.value.message
+        assert fake.batches == []
+
+
+async def test_the_session_table_learns_cached_lengths_and_a_retry_keeps_its_deadline(
+        nats_url: str, redis_url: str, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v1", 10, True)) as (fake,)):
+        sid = (await open_session(nc)).sid
+        first = submit(nc, verify_request(sid))
+        await until(lambda: len(fake.batches) == 1)
+        deadline = await redis_client.zscore(DEADLINES_KEY, deadline_member(sid, 0))
+        (pending,) = service.registry.verifiers["v1"].in_flight.values()
+        assert (pending.entries[0].num_new, pending.entries[0].num_cached) == (5 + 3, 0)  # cold
+        await asyncio.sleep(0.05)
+        retry = submit(nc, verify_request(sid))  # the same round again, later
+        await until(lambda: len(service.registry.verifiers["v1"].queue) == 1)
+        assert service.registry.verifiers["v1"].queue[0].deadline_ms == deadline
+        await fake.finish(fake.batches[0])
+        await first
+        await until(lambda: len(fake.batches) == 2)
+        await fake.finish(fake.batches[1])
+        await retry
+        # The fake reported 9 committed, 8 cached: the next round is a warm verify.
+        entry = service.registry.sessions.get(sid)
+        assert (entry.committed_len, entry.cached_len) == (9, 8)
+        nxt = submit(nc, verify_request(sid, round=1, base_len=9))
+        await until(lambda: len(fake.batches) == 3)
+        (pending,) = service.registry.verifiers["v1"].in_flight.values()
+        assert (pending.entries[0].num_new, pending.entries[0].num_cached) == (1 + 3, 8)
+        await fake.finish(fake.batches[2])
+        await nxt
+
+
+async def test_two_batches_in_flight_when_configured(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url, max_batches_in_flight=2,
+                                  max_batch_size=1) as service,
+                fake_verifiers(nc, service, ("v1", 10, True)) as (fake,)):
+        sids = [(await open_session(nc)).sid for _ in range(3)]
+        tasks = [submit(nc, verify_request(sid)) for sid in sids]
+        await until(lambda: len(fake.batches) == 2)
+        await asyncio.sleep(0.2)
+        assert len(fake.batches) == 2  # the third waits for a slot
+        await fake.finish(fake.batches[1])  # done out of order frees a slot too
+        await until(lambda: len(fake.batches) == 3)
+        for batch in (fake.batches[0], fake.batches[2]):
+            await fake.finish(batch)
+        assert sorted(r.sid for r in await asyncio.gather(*tasks)) == sorted(sids)
+
+
+class HoldUntil(FCFSPolicy):
+    """Holds every batch back until a set time, then FCFS: a stand-in for a deadline-aware
+    policy that waits for a latest start time."""
+
+    name = "hold-until"
+
+    def __init__(self, release_ms: float):
+        super().__init__()
+        self.release_ms = release_ms
+
+    def select(self, queue, now_ms, verifier):
+        if now_ms < self.release_ms:
+            return Selection([], wake_at_ms=self.release_ms)
+        return super().select(queue, now_ms, verifier)
+
+
+async def test_the_scheduler_wakes_when_its_policy_asks(
+        nats_url: str, redis_url: str, nc: NatsClient, monkeypatch) -> None:
+    # No periodic check during the test: only the policy's wake-up can dispatch the batch.
+    monkeypatch.setattr("services.admission_scheduler.service.CHECK_INTERVAL_S", 60.0)
+    async with (running_scheduler(nats_url, redis_url) as service,
+                fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
+        sid = (await open_session(nc)).sid
+        service.policy = HoldUntil(now_ms() + 150.0)
+        started = asyncio.get_running_loop().time()
+        result = await submit(nc, verify_request(sid))
+        waited_ms = (asyncio.get_running_loop().time() - started) * 1e3
+        assert result.sid == sid and len(fake.batches) == 1
+        assert 100.0 <= waited_ms < 2000.0, waited_ms

@@ -7,7 +7,7 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import msgpack
+import msgspec
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -17,11 +17,14 @@ from nats.aio.client import Client as NatsClient
 from common.errors import ErrorCode, WispError
 from common.models.loading import LoadedModel
 from common.protocol import (
+    AnyEvent,
     BatchDone,
     BatchEntry,
-    Event,
+    BatchEvent,
     Heartbeat,
+    SamplingParams,
     SessionClose,
+    SessionSpec,
     VerifierBatch,
     VerifyRequest,
     VerifyResult,
@@ -30,8 +33,7 @@ from common.protocol import (
     encode,
     new_sid,
 )
-from common.service import run_service
-from common.store import SessionRecord, SessionStore, now_ms
+from common.store import SessionRecord, SessionStore
 from common.subjects import (
     SESSION_CLOSE,
     VERIFIER_HEARTBEAT,
@@ -42,6 +44,7 @@ from common.subjects import (
     verifier_batch,
     verifier_done,
 )
+from common.transport.service import run_service
 from services.gpu_verifier.service import VerifierConfig, VerifierService
 from tests.unit.tiny_random_models import VOCAB, random_tokens, reference_logits, tiny_llama
 
@@ -129,9 +132,9 @@ async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> No
 async def open_session(redis_client: aioredis.Redis, prompt: list[int],
                        max_new_tokens: int = 16) -> str:
     sid = new_sid()
+    spec = SessionSpec(sid=sid, mode="sled", max_new_tokens=max_new_tokens, k_max=K_MAX)
     await SessionStore(redis_client).create(SessionRecord(
-        sid=sid, mode="sled", prompt_len=len(prompt), max_new_tokens=max_new_tokens,
-        verifier_id="v-test", k_max=K_MAX, tokens=list(prompt)))
+        spec=spec, prompt_len=len(prompt), verifier_id="v-test", tokens=list(prompt)))
     return sid
 
 
@@ -147,7 +150,7 @@ async def send_batch(nc: NatsClient, vid: str, requests: list[VerifyRequest],
     for req in requests:
         inbox = nc.new_inbox()
         subs.append(await nc.subscribe(inbox))
-        entries.append(BatchEntry(request=req, reply_to=inbox, deadline_ms=now_ms() + 1e3))
+        entries.append(BatchEntry(request=req, reply_to=inbox))
     batch = VerifierBatch(batch_id=batch_id or new_sid()[:12], items=entries)
     await nc.publish(verifier_batch(vid), encode(batch))
     if not wait:
@@ -183,11 +186,10 @@ async def test_rounds_match_target_greedy_and_are_committed(
     assert (done.verifier_id, done.batch_id, done.size) == (v.vid, "b0", 1)
     assert (done.num_linear, done.num_cached, done.num_interactions) == (11, 0, 11 * 11)
     assert done.batch_ms == pytest.approx(result.batch_ms)
-    ev = decode(Event, (await event_sub.next_msg(TIMEOUT_S)).data)
-    assert ev.kind == "batch"
-    assert {k: ev.fields[k] for k in ("verifier_id", "size", "num_linear", "num_cached")} == \
-        {"verifier_id": v.vid, "size": 1, "num_linear": 11, "num_cached": 0}
-    assert {"batch_ms", "num_interactions", "queue_depth"} <= ev.fields.keys()
+    ev = decode(AnyEvent, (await event_sub.next_msg(TIMEOUT_S)).data)
+    assert isinstance(ev, BatchEvent) and ev.batch_id == "b0"
+    assert (ev.verifier_id, ev.size, ev.num_linear, ev.num_cached, ev.num_interactions) == \
+        (v.vid, 1, 11, 0, 11 * 11)
 
     # Round 1: the second drafted token is wrong; warm KV holds the 11 fed tokens.
     wrong = (ref[5] + 1) % VOCAB
@@ -311,11 +313,11 @@ async def test_garbage_on_the_batch_subject_does_not_kill_the_service(
     inbox = nc.new_inbox()
     bad_entry_sub = await nc.subscribe(inbox)
     await nc.publish(verifier_batch(v.vid), b"\xc1 not msgpack")
-    await nc.publish(verifier_batch(v.vid), msgpack.packb([1, 2, 3]))
+    await nc.publish(verifier_batch(v.vid), msgspec.msgpack.encode([1, 2, 3]))
     # A readable batch id with a malformed entry: the entry is refused, the batch is "done".
-    await nc.publish(verifier_batch(v.vid), msgpack.packb({
-        "v": 1, "batch_id": "bad-1",
-        "items": [{"request": {"sid": "x"}, "reply_to": inbox, "deadline_ms": 0.0}]}))
+    await nc.publish(verifier_batch(v.vid), msgspec.msgpack.encode({
+        "type": "VerifierBatch", "v": 1, "batch_id": "bad-1",
+        "items": [{"request": {"sid": "x"}, "reply_to": inbox}]}))
     assert error_code((await bad_entry_sub.next_msg(TIMEOUT_S)).data) == ErrorCode.BAD_REQUEST
     done = decode(BatchDone, (await done_sub.next_msg(TIMEOUT_S)).data)
     assert (done.batch_id, done.size, done.num_linear) == ("bad-1", 1, 0)
@@ -338,6 +340,9 @@ async def test_heartbeats_and_registry(start_verifier, subscribe, nc: NatsClient
             pass
     assert (hb.model, hb.hardware, hb.num_sessions) == ("tiny-llama", "cpu", 0)
     assert 0 < hb.free_blocks == hb.total_blocks
+    # It advertises what it can take: sessions are agreed against this at open.
+    assert (hb.limits.k_max, hb.limits.vocab.size) == (K_MAX, VOCAB)
+    assert hb.limits.max_context == target().max_positions
     stored = decode(Heartbeat, await redis_client.hget(VERIFIERS_KEY, v.vid))
     assert stored.verifier_id == v.vid and stored.total_blocks == hb.total_blocks
     await v.shutdown()
@@ -390,7 +395,51 @@ async def test_a_failing_core_call_is_answered_and_the_worker_survives(
 
     core.verify_batch = boom
     [reply] = await send_batch(nc, v.vid, [request(sid, 0, 6, [])])
-    assert error_code(reply) == ErrorCode.INTERNAL
+    assert error_code(reply) == ErrorCode.UNAVAILABLE  # transient: the edge retries the round
     assert await committed_tokens(redis_client, sid) == prompt
     [reply] = await send_batch(nc, v.vid, [request(sid, 0, 6, [])])
     assert decode_reply(VerifyResult, reply).new_tokens == greedy(tuple(prompt), 1)
+
+
+async def test_done_reports_where_sessions_stand_and_verdicts_carry_features(
+        start_verifier, subscribe, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    v = await start_verifier()
+    prompt = random_tokens(6, seed=11)
+    ref = greedy(tuple(prompt), 3)
+    sid = await open_session(redis_client, prompt)
+    done_sub = await subscribe(verifier_done(v.vid))
+    verdict_sub = await subscribe(event("verdict"))
+    wrong = (ref[1] + 1) % VOCAB
+    features = [[0.9, 0.1, 0.5, 0.0, 0.0], [0.2, 2.0, 0.1, 0.0, 1.0]]
+    req = msgspec.structs.replace(request(sid, 0, 6, [ref[0], wrong]), draft_features=features)
+    [reply] = await send_batch(nc, v.vid, [req])
+    assert decode_reply(VerifyResult, reply).new_tokens == ref[:2]
+    done = decode(BatchDone, (await done_sub.next_msg(TIMEOUT_S)).data)
+    # 8 committed; the KV holds all but the last (the scheduler's session table reads this).
+    assert [(s.sid, s.committed_len, s.cached_len) for s in done.sessions] == [(sid, 8, 7)]
+    verdict = decode(AnyEvent, (await verdict_sub.next_msg(TIMEOUT_S)).data)
+    assert (verdict.sid, verdict.num_drafted, verdict.num_accepted, verdict.greedy) == \
+        (sid, 2, 1, True)
+    assert verdict.draft_features == features
+
+
+async def test_degenerate_sampling_values_in_a_batch_leave_the_others_exact(
+        start_verifier, nc: NatsClient, redis_client: aioredis.Redis) -> None:
+    """temperature and top_p at the edge of their ranges work (here: reduce to the argmax)
+    and fail nobody else in their batch."""
+    v = await start_verifier()
+    prompt = random_tokens(7, seed=12)
+    ref = greedy(tuple(prompt), 1)
+    store = SessionStore(redis_client)
+    sids = []
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0, top_p=1e-300),
+                     SamplingParams(temperature=1e-300), SamplingParams(temperature=5e-324),
+                     SamplingParams(temperature=1e300, top_k=1)):
+        sid = new_sid()
+        await store.create(SessionRecord(
+            spec=SessionSpec(sid=sid, mode="sled", max_new_tokens=4, k_max=K_MAX,
+                             sampling=sampling, seed=1),
+            prompt_len=len(prompt), tokens=list(prompt)))
+        sids.append(sid)
+    replies = await send_batch(nc, v.vid, [request(sid, 0, 7, []) for sid in sids])
+    assert [decode_reply(VerifyResult, r).new_tokens for r in replies] == [ref] * len(sids)

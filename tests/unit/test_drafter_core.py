@@ -1,16 +1,16 @@
-"""DrafterCore: batched drafting, policies, features, rollback after a verdict."""
+"""DrafterCore: batched drafting, batched policies, features, rollback after a verdict."""
 
 import math
 
 import pytest
 import torch
 
-from common.errors import WispError
+from common.engine.drafter import DrafterCore
+from common.engine.features import DRAFT_FEATURES, draft_features
+from common.engine.policies import DraftPolicy, DraftStep, FixedK, PolicyCatalog
+from common.errors import ErrorCode, WispError
 from common.models.paged_runner import PagedRunner
-from common.sampling import SamplingParams
-from services.edge_drafter.core import DrafterCore
-from services.edge_drafter.features import token_features
-from services.edge_drafter.policies import DraftPolicy, FixedK, policy_factory
+from common.protocol import SamplingParams, SessionSpec
 from tests.unit.tiny_random_models import tiny_llama
 
 
@@ -21,6 +21,12 @@ def model():
 
 def make_drafter(model, k_max=6, eos=None):
     return DrafterCore(PagedRunner(model, num_blocks=256, block_size=4), eos, k_max=k_max)
+
+
+def open_(d, sid, prompt, max_new, policy, params=None, seed=None, k_max=6):
+    spec = SessionSpec(sid=sid, mode="sled", max_new_tokens=max_new,
+                       sampling=params or SamplingParams(), seed=seed, k_max=k_max)
+    d.open(spec, prompt, policy)
 
 
 def greedy_continuation(model, ids, n):
@@ -35,16 +41,17 @@ def test_batched_drafts_equal_each_session_drafted_alone(model):
     prompts = {"a": [1, 2, 3], "b": [9] * 11, "c": [4, 5]}
     together = make_drafter(model)
     for sid, p in prompts.items():
-        together.open(sid, p, 50, SamplingParams(), FixedK(5, 6))
+        open_(together, sid, p, 50, FixedK(5))
     drafts = together.draft(list(prompts))
     for sid, p in prompts.items():
         assert drafts[sid].token_ids == greedy_continuation(model, p, 5)
         assert drafts[sid].base_len == len(p) and len(drafts[sid].features) == 5
+        assert [row[-1] for row in drafts[sid].features] == [0, 1, 2, 3, 4]  # position
 
 
 def test_verdict_rolls_back_and_next_round_continues_from_committed(model):
     d = make_drafter(model)
-    d.open("s", [7, 8, 9], 50, SamplingParams(), FixedK(4, 6))
+    open_(d, "s", [7, 8, 9], 50, FixedK(4))
     draft = d.draft(["s"])["s"]
     correction = (draft.token_ids[2] + 1) % 97
     d.apply("s", 2, draft.token_ids[:2] + [correction])
@@ -57,45 +64,53 @@ def test_verdict_rolls_back_and_next_round_continues_from_committed(model):
 
 def test_round_limit_respects_remaining_budget_and_eos(model):
     d = make_drafter(model)
-    d.open("s", [1, 2], 3, SamplingParams(), FixedK(6, 6))
+    open_(d, "s", [1, 2], 3, FixedK(6))
     assert len(d.draft(["s"])["s"].token_ids) == 2  # 3 new tokens max: 2 drafts + 1 bonus
     first = greedy_continuation(model, [1, 2], 1)[0]
     d_eos = make_drafter(model, eos=first)
-    d_eos.open("s", [1, 2], 50, SamplingParams(), FixedK(6, 6))
+    open_(d_eos, "s", [1, 2], 50, FixedK(6))
     assert d_eos.draft(["s"])["s"].token_ids == [first]  # nothing drafted past EOS
 
 
 class StopAfter(DraftPolicy):
+    """Keeps the first n tokens of every draft; records each step it was asked about."""
+
     name = "stop-after"
 
     def __init__(self, n):
-        super().__init__(6)
-        self.n, self.feedback = n, []
+        super().__init__()
+        self.n, self.steps, self.feedback = n, [], []
 
-    def round_limit(self):
-        return 6
-
-    def keep(self, position, features):
-        return position < self.n
+    def keep(self, step: DraftStep) -> torch.Tensor:
+        self.steps.append((list(step.sids), step.positions.tolist(), tuple(step.features.shape)))
+        return step.positions < self.n
 
     def observe(self, feedback):
         self.feedback.append(feedback)
 
 
-def test_policy_can_drop_a_token_and_receives_feedback(model):
+def test_policy_decides_a_whole_step_at_once_and_receives_feedback(model):
     d = make_drafter(model)
     policy = StopAfter(2)
-    d.open("s", [3, 3, 3], 50, SamplingParams(), policy)
-    draft = d.draft(["s"])["s"]
-    assert len(draft.token_ids) == 2
-    d.apply("s", 1, draft.token_ids[:1] + [0])
-    assert policy.feedback[0].num_drafted == 2 and policy.feedback[0].num_accepted == 1
+    for sid, prompt in (("a", [3, 3, 3]), ("b", [5, 6])):
+        open_(d, sid, prompt, 50, policy)
+    open_(d, "c", [7, 8], 50, FixedK(4))  # another policy in the same steps
+    drafts = d.draft(["a", "b", "c"])
+    assert [len(drafts[s].token_ids) for s in "abc"] == [2, 2, 4]
+    # One call per draft step for both of its sessions, with a [B, F] feature batch.
+    f = len(DRAFT_FEATURES)
+    assert policy.steps == [(["a", "b"], [0, 0], (2, f)), (["a", "b"], [1, 1], (2, f)),
+                            (["a", "b"], [2, 2], (2, f))]
+    d.apply("a", 1, drafts["a"].token_ids[:1] + [0])
+    (fb,) = policy.feedback
+    assert (fb.sid, fb.num_drafted, fb.num_accepted) == ("a", 2, 1)
+    assert tuple(fb.features.shape) == (2, f)
 
 
 def test_sampling_drafts_carry_sparse_distributions(model):
     d = make_drafter(model)
     params = SamplingParams(temperature=0.8, draft_top_m=5)
-    d.open("s", [1, 2, 3], 50, params, FixedK(3, 6), seed=11)
+    open_(d, "s", [1, 2, 3], 50, FixedK(3), params=params, seed=11)
     draft = d.draft(["s"])["s"]
     assert len(draft.sparse_ids) == 3 and all(len(r) == 5 for r in draft.sparse_ids)
     for tok, ids, probs in zip(draft.token_ids, draft.sparse_ids, draft.sparse_probs, strict=True):
@@ -104,32 +119,47 @@ def test_sampling_drafts_carry_sparse_distributions(model):
 
 def test_mismatched_verdict_is_refused(model):
     d = make_drafter(model)
-    d.open("s", [1, 2], 50, SamplingParams(), FixedK(3, 6))
+    open_(d, "s", [1, 2], 50, FixedK(3))
     draft = d.draft(["s"])["s"]
-    with pytest.raises(WispError):
+    with pytest.raises(WispError) as err:
         d.apply("s", 2, [(draft.token_ids[0] + 1) % 97, 5, 6])
+    assert err.value.code == ErrorCode.BASE_MISMATCH
 
 
 def test_features_on_crafted_logits():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0]]))
-    (f,) = token_features(logits)
-    assert f.confidence == pytest.approx(0.5) and f.margin == pytest.approx(0.25)
-    assert f.entropy == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
-    assert f.std == pytest.approx(torch.tensor([0.5, 0.25, 0.25, 0.0]).std(unbiased=False).item())
+    (row,) = draft_features(logits, torch.tensor([3])).tolist()
+    f = dict(zip(DRAFT_FEATURES, row, strict=True))
+    assert f["confidence"] == pytest.approx(0.5) and f["margin"] == pytest.approx(0.25)
+    assert f["entropy"] == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert f["std"] == pytest.approx(
+        torch.tensor([0.5, 0.25, 0.25, 0.0]).std(unbiased=False).item())
+    assert f["position"] == 3
 
 
-def test_policy_factory_parses_and_rejects():
-    assert policy_factory("fixed:3", 8)().round_limit() == 3
-    assert policy_factory("fixed", 8)().round_limit() == 8
+def test_policy_catalog_builds_once_per_spec_and_rejects_unknown():
+    catalog = PolicyCatalog.standard()
+    assert catalog.get("fixed:3") is catalog.get("fixed:3")
+    assert catalog.get("fixed:3").k == 3 and catalog.get("fixed").k is None
+    assert catalog.for_session("sled", None) is catalog.get("fixed")
     with pytest.raises(ValueError):
-        policy_factory("fixed:9", 8)
-    with pytest.raises(ValueError):
-        policy_factory("oracle", 8)
+        catalog.get("fixed:x")
+    with pytest.raises(ValueError, match="unknown draft policy"):
+        catalog.get("oracle")
+    with pytest.raises(WispError) as err:
+        catalog.for_session("wisp", None)  # no policy for this mode here yet
+    assert err.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_round_limit_is_the_smallest_of_policy_session_and_core(model):
+    d = make_drafter(model, k_max=6)
+    open_(d, "s", [1, 2, 3], 50, FixedK(), k_max=3)  # FixedK(): the session's k_max
+    assert len(d.draft(["s"])["s"].token_ids) == 3
 
 
 def test_resync_adopts_tokens_committed_elsewhere(model):
     d = make_drafter(model)
-    d.open("s", [4, 5, 6], 50, SamplingParams(), FixedK(4, 6))
+    open_(d, "s", [4, 5, 6], 50, FixedK(4))
     draft = d.draft(["s"])["s"]
     foreign = [(draft.token_ids[0] + 1) % 97, 11]  # another edge's round: not our draft
     with pytest.raises(WispError):

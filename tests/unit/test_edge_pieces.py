@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from common.device_profile import DeviceProfile, LinkEmulator, get_profile
-from common.draft_batcher import DraftBatcher
-from common.generation import Detokenizer
+from common.engine.draft_batcher import DraftBatcher
+from common.transport.generation import Detokenizer
+from services.edge_drafter.device_profile import DeviceProfile, LinkEmulator, get_profile
 
 
 def test_link_delays_follow_the_profile_and_repeat_with_the_seed():
@@ -53,7 +53,7 @@ async def test_sessions_asking_together_share_one_draft_call():
         assert await batcher.draft("a") == "draft-a"
         assert core.calls[-1] == ["a"]
     finally:
-        batcher.close()
+        batcher.shutdown()
 
 
 async def test_a_failing_draft_reaches_every_waiter_and_the_batcher_goes_on():
@@ -71,7 +71,7 @@ async def test_a_failing_draft_reaches_every_waiter_and_the_batcher_goes_on():
         assert all(isinstance(r, RuntimeError) for r in results)
         assert await batcher.draft("a") == "draft-a"
     finally:
-        batcher.close()
+        batcher.shutdown()
 
 
 class ByteTokenizer:

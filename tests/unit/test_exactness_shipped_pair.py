@@ -4,9 +4,9 @@ target-only, and with a KV budget so small that sessions are evicted and rebuilt
 
 import pytest
 
+from common.engine.inprocess import GenerationRequest, InProcessEngine
+from common.engine.policies import FixedK
 from common.models.reference import hf_greedy
-from services.edge_drafter.policies import FixedK
-from services.inprocess import GenerationRequest, InProcessEngine
 from tests.shipped import MAX_NEW, held_out_prompts, shipped_pair
 
 pytestmark = pytest.mark.slow

@@ -1,63 +1,126 @@
-"""The metrics aggregator's math on hand-made events (no NATS, no HTTP)."""
+"""The metrics aggregator's math on hand-made typed events, and the service's decode step
+(no NATS, no HTTP)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 
-from common.protocol import Event
+from common.errors import ErrorCode, WispError
+from common.protocol import (
+    AnyEvent,
+    BatchEvent,
+    ErrorEvent,
+    GenerateStats,
+    GenerateTimings,
+    RequestEvent,
+    RoundEvent,
+    Slo,
+    VerdictEvent,
+    decode,
+    encode,
+)
+from common.subjects import EVENT_BATCH, EVENT_REQUEST, EVENT_ROUND
 from services.metrics.aggregate import (
-    MalformedEvent,
+    ERROR_OVERFLOW,
+    MAX_ERROR_SERIES,
     MetricsAggregator,
+    event_kind,
     percentile,
     slo_outcome,
 )
-from services.metrics.service import render_dashboard
+from services.metrics.service import MetricsConfig, MetricsService, render_dashboard
+
+SID = "s" * 8
+FEATURES = [[0.9, 0.3, 0.5, 0.1, 0.0]]  # one drafted token's DRAFT_FEATURES row
 
 
-def event(kind: str, **fields: Any) -> Event:
-    return Event(kind=kind, ts_ms=0.0, fields=fields)
+# -- event factories ----------------------------------------------------------------------------
+def request(mode: str = "wisp", *, num_tokens: int = 10, ttft_ms: float = 100.0,
+            tpot_ms: float = 20.0, e2e_ms: float = 280.0,
+            slo: tuple[float, float] | None = (200.0, 30.0), finish_reason: str = "length",
+            stats: GenerateStats | None = None) -> RequestEvent:
+    return RequestEvent(
+        ts_ms=1.0, sid=SID, mode=mode, num_tokens=num_tokens,
+        timings=GenerateTimings(ttft_ms=ttft_ms, tpot_ms=tpot_ms, e2e_ms=e2e_ms),
+        slo=None if slo is None else Slo(ttft_ms=slo[0], tpot_ms=slo[1]),
+        stats=stats or GenerateStats(rounds=3, drafted=12, accepted=9),
+        finish_reason=finish_reason)
 
 
-def request(mode: str = "wisp", *, num_tokens: int = 10, ttft_ms: float | None = 100.0,
-            tpot_ms: float | None = 20.0, e2e_ms: float = 280.0,
-            slo: tuple[float, float] | None = (200.0, 30.0), **extra: Any) -> Event:
-    fields: dict[str, Any] = dict(mode=mode, num_tokens=num_tokens, ttft_ms=ttft_ms,
-                                  tpot_ms=tpot_ms, e2e_ms=e2e_ms, finish_reason="length",
-                                  **extra)
-    if slo is not None:
-        fields.update(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
-    return event("request", **fields)
+def round_event(mode: str = "wisp", *, drafted: int = 4, accepted: int = 2,
+                wasted_draft_ms: float = 0.0, round: int = 0) -> RoundEvent:
+    return RoundEvent(ts_ms=1.0, sid=SID, mode=mode, round=round, drafted=drafted,
+                      accepted=accepted, committed=accepted + 1, draft_ms=40.0,
+                      wasted_draft_ms=wasted_draft_ms, rtt_ms=10.0, budget_ms=-5.0,
+                      batch_size=2)
+
+
+def verdict(*, num_drafted: int = 1, num_accepted: int = 1, greedy: bool = True,
+            draft_features: list[list[float]] | None = None) -> VerdictEvent:
+    return VerdictEvent(ts_ms=1.0, sid=SID, round=0, device_id="jetson-orin", greedy=greedy,
+                        num_drafted=num_drafted, num_accepted=num_accepted,
+                        draft_features=draft_features)
+
+
+def batch(verifier_id: str = "v1", *, size: int = 2, batch_ms: float = 10.0,
+          queue_depth: int = 0) -> BatchEvent:
+    return BatchEvent(ts_ms=1.0, verifier_id=verifier_id, batch_id="b1", size=size,
+                      batch_ms=batch_ms, num_linear=size, num_interactions=size * 10,
+                      num_cached=100, queue_depth=queue_depth)
+
+
+def error(service: str = "gpu-verifier", code: str = "internal") -> ErrorEvent:
+    return ErrorEvent(ts_ms=1.0, service=service, code=code, sid=SID)
 
 
 def sample(agg: MetricsAggregator, name: str, labels: dict[str, str]) -> float | None:
     return agg.registry.get_sample_value(name, labels)
 
 
+def all_samples(agg: MetricsAggregator) -> dict[tuple[str, tuple], float]:
+    """Every sample of the registry but the series-creation timestamps."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in agg.registry.collect() for s in family.samples
+            if not s.name.endswith("_created")}
+
+
+def test_factories_build_events_that_survive_the_wire() -> None:
+    events = [request(), request(slo=None, num_tokens=0, finish_reason="error"), round_event(),
+              verdict(draft_features=FEATURES), verdict(greedy=False), batch(), error()]
+    for ev in events:
+        assert decode(AnyEvent, encode(ev)) == ev
+    assert [event_kind(ev) for ev in events[:3]] == [EVENT_REQUEST, EVENT_REQUEST, EVENT_ROUND]
+    assert event_kind(batch()) == EVENT_BATCH
+    assert (event_kind(verdict()), event_kind(error())) == ("verdict", "error")
+
+
 # -- SLO ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("fields", "expected"), [
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=20, slo_ttft_ms=200, slo_tpot_ms=30), "met"),
-    (dict(num_tokens=5, ttft_ms=200, tpot_ms=30, slo_ttft_ms=200, slo_tpot_ms=30), "met"),
-    (dict(num_tokens=5, ttft_ms=201, tpot_ms=20, slo_ttft_ms=200, slo_tpot_ms=30), "missed"),
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=31, slo_ttft_ms=200, slo_tpot_ms=30), "missed"),
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=20), "none"),
-    # one token: TPOT is undefined and does not fail the SLO
-    (dict(num_tokens=1, ttft_ms=100, tpot_ms=None, slo_ttft_ms=200, slo_tpot_ms=30), "met"),
-    # no token at all, or a failed request, misses it
-    (dict(num_tokens=0, ttft_ms=None, slo_ttft_ms=200, slo_tpot_ms=30), "missed"),
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=20, slo_ttft_ms=200, slo_tpot_ms=30,
-          finish_reason="error"), "missed"),
-    # the definition wins over the sender's slo_met; bounds of 0 mean "no SLO"
-    (dict(num_tokens=5, ttft_ms=300, tpot_ms=20, slo_ttft_ms=200, slo_tpot_ms=30,
-          slo_met=True), "missed"),
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=20, slo_ttft_ms=0.0, slo_tpot_ms=0.0,
-          slo_met=False), "none"),
-    (dict(num_tokens=5, ttft_ms=100, tpot_ms=20, slo_met=False), "none"),
+@pytest.mark.parametrize(("ev", "expected"), [
+    (request(num_tokens=5, ttft_ms=100, tpot_ms=20, slo=(200, 30)), "met"),
+    (request(num_tokens=5, ttft_ms=200, tpot_ms=30, slo=(200, 30)), "met"),  # bounds included
+    (request(num_tokens=5, ttft_ms=201, tpot_ms=20, slo=(200, 30)), "missed"),
+    (request(num_tokens=5, ttft_ms=100, tpot_ms=31, slo=(200, 30)), "missed"),
+    (request(num_tokens=5, ttft_ms=100, tpot_ms=20, slo=None), "none"),
+    (request(num_tokens=5, ttft_ms=9e3, tpot_ms=9e3, slo=None), "none"),
+    # one token: TPOT is undefined and does not fail the SLO (whatever the sender put there)
+    (request(num_tokens=1, ttft_ms=100, tpot_ms=0.0, slo=(200, 30)), "met"),
+    (request(num_tokens=1, ttft_ms=100, tpot_ms=999.0, slo=(200, 30)), "met"),
+    (request(num_tokens=1, ttft_ms=201, tpot_ms=0.0, slo=(200, 30)), "missed"),
+    # no token at all, or a failed request, misses it (a failed one without an SLO has none)
+    (request(num_tokens=0, ttft_ms=0.0, tpot_ms=0.0, slo=(200, 30)), "missed"),
+    (request(num_tokens=5, ttft_ms=100, tpot_ms=20, slo=(200, 30), finish_reason="error"),
+     "missed"),
+    (request(num_tokens=5, slo=None, finish_reason="error"), "none"),
+    (request(num_tokens=5, ttft_ms=100, tpot_ms=20, slo=(200, 30), finish_reason="eos"),
+     "met"),
 ])
-def test_slo_outcome(fields: dict[str, Any], expected: str) -> None:
-    assert slo_outcome(fields) == expected
+def test_slo_outcome(ev: RequestEvent, expected: str) -> None:
+    assert slo_outcome(ev) == expected
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -79,7 +142,7 @@ def test_attainment_goodput_and_latency_percentiles() -> None:
     agg.observe(request(num_tokens=40, slo=None), now_s=13.0)  # no SLO
     s = agg.summary()["modes"]["wisp"]
     assert (s["requests"], s["requests_with_slo"], s["requests_without_slo"]) == (4, 3, 1)
-    assert (s["slo_met"], s["slo_missed"]) == (2, 1)
+    assert (s["slo_met"], s["slo_missed"], s["failed"]) == (2, 1, 0)
     assert s["slo_attainment"] == pytest.approx(2 / 3, abs=1e-4)
     window = 13.0 - (10.0 - 0.28)
     assert s["window_s"] == pytest.approx(window)
@@ -90,6 +153,7 @@ def test_attainment_goodput_and_latency_percentiles() -> None:
     assert s["ttft_ms"]["p50"] == pytest.approx(100.0)
     assert s["ttft_ms"]["p99"] == pytest.approx(100 + 200 * 0.97)  # [100, 100, 100, 300]
     assert s["tpot_ms"]["p50"] == pytest.approx(20.0)
+    assert s["tpot_ms"]["p99"] == pytest.approx(20 + 5 * 0.97)  # [20, 20, 20, 25]
     assert s["e2e_ms"] == {"p50": 280.0, "p90": 280.0, "p99": 280.0}
 
     assert sample(agg, "wisp_requests_total", {"mode": "wisp", "slo": "met"}) == 2
@@ -99,21 +163,46 @@ def test_attainment_goodput_and_latency_percentiles() -> None:
     assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 4
     assert sample(agg, "wisp_ttft_seconds_sum", {"mode": "wisp"}) == pytest.approx(0.6)
     assert sample(agg, "wisp_ttft_seconds_bucket", {"mode": "wisp", "le": "0.1"}) == 3
+    assert sample(agg, "wisp_tpot_seconds_count", {"mode": "wisp"}) == 4
+    assert sample(agg, "wisp_e2e_seconds_sum", {"mode": "wisp"}) == pytest.approx(4 * 0.28)
 
 
 def test_modes_are_kept_apart_and_failed_requests_skip_latency() -> None:
     agg = MetricsAggregator()
     agg.observe(request("sled", num_tokens=8), now_s=1.0)
     agg.observe(request("centralized", num_tokens=3, ttft_ms=50.0), now_s=1.0)
-    agg.observe(event("request", mode="sled", num_tokens=2, ttft_ms=5000.0, tpot_ms=1.0,
-                      e2e_ms=5001.0, slo_ttft_ms=200.0, slo_tpot_ms=30.0,
-                      finish_reason="error"), now_s=2.0)
+    agg.observe(request("sled", num_tokens=2, ttft_ms=5000.0, tpot_ms=1.0, e2e_ms=5001.0,
+                        finish_reason="error"), now_s=2.0)
     s = agg.summary()["modes"]
     assert set(s) == {"sled", "centralized"}
-    assert (s["sled"]["requests"], s["sled"]["failed"], s["sled"]["slo_missed"]) == (2, 1, 1)
-    assert s["sled"]["ttft_ms"]["p99"] == pytest.approx(100.0)  # the failed one is left out
+    sled = s["sled"]
+    assert (sled["requests"], sled["failed"], sled["slo_met"], sled["slo_missed"]) == \
+        (2, 1, 1, 1)
+    assert sled["output_tokens"] == 10  # a failed request's tokens were still produced
+    assert sled["ttft_ms"]["p99"] == pytest.approx(100.0)  # the failed one is left out
+    assert sled["tpot_ms"]["p99"] == pytest.approx(20.0)
+    assert sled["e2e_ms"]["p99"] == pytest.approx(280.0)
+    # ... but its e2e still opens the window: it started at 2 - 5.001 s
+    assert sled["window_s"] == pytest.approx(5.001)
     assert s["centralized"]["ttft_ms"]["p50"] == pytest.approx(50.0)
-    assert sample(agg, "wisp_e2e_seconds_count", {"mode": "sled"}) == 1
+    assert s["centralized"]["requests"] == 1
+    for name in ("wisp_e2e_seconds_count", "wisp_ttft_seconds_count", "wisp_tpot_seconds_count"):
+        assert sample(agg, name, {"mode": "sled"}) == 1
+    assert sample(agg, "wisp_requests_total", {"mode": "sled", "slo": "missed"}) == 1
+    assert sample(agg, "wisp_requests_total", {"mode": "centralized", "slo": "met"}) == 1
+
+
+def test_undefined_latencies_are_not_sampled() -> None:
+    agg = MetricsAggregator()
+    agg.observe(request(num_tokens=0, ttft_ms=0.0, tpot_ms=0.0, e2e_ms=50.0), now_s=1.0)
+    agg.observe(request(num_tokens=1, ttft_ms=70.0, tpot_ms=0.0, e2e_ms=70.0), now_s=1.0)
+    s = agg.summary()["modes"]["wisp"]
+    assert (s["requests"], s["slo_met"], s["slo_missed"]) == (2, 1, 1)
+    assert s["e2e_ms"]["p50"] == pytest.approx(60.0)  # both
+    assert s["ttft_ms"]["p99"] == pytest.approx(70.0)  # the one-token request only
+    assert s["tpot_ms"] == {"p50": None, "p90": None, "p99": None}  # neither
+    assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 1
+    assert sample(agg, "wisp_tpot_seconds_count", {"mode": "wisp"}) is None
 
 
 def test_single_request_window_is_its_e2e() -> None:
@@ -122,101 +211,264 @@ def test_single_request_window_is_its_e2e() -> None:
     s = agg.summary()["modes"]["wisp"]
     assert s["window_s"] == pytest.approx(0.5)
     assert s["goodput_tokens_per_s"] == pytest.approx(20.0)
+    assert s["goodput_requests_per_s"] == pytest.approx(2.0)
 
 
-# -- rounds, batches, errors --------------------------------------------------------------------
+def test_observe_uses_the_clock_when_no_time_is_given() -> None:
+    now = [100.0]
+    agg = MetricsAggregator(clock=lambda: now[0])
+    agg.observe(request(num_tokens=10, e2e_ms=1000.0))
+    now[0] = 102.0
+    agg.observe(request(num_tokens=10, e2e_ms=500.0))
+    assert agg.summary()["modes"]["wisp"]["window_s"] == pytest.approx(3.0)  # 99 .. 102
+
+
+def test_request_stats_are_reported_apart_from_rounds() -> None:
+    # The edge publishes each round and then the request with its totals: counting both in
+    # the same numbers would count every round twice.
+    agg = MetricsAggregator()
+    agg.observe(round_event("sled", drafted=4, accepted=3))
+    agg.observe(round_event("sled", drafted=4, accepted=1, round=1))
+    agg.observe(request("sled", num_tokens=6,
+                        stats=GenerateStats(rounds=2, drafted=8, accepted=4)), now_s=1.0)
+    agg.observe(request("sled", num_tokens=3, finish_reason="error",
+                        stats=GenerateStats(rounds=1, drafted=0, accepted=0)), now_s=1.0)
+    s = agg.summary()["modes"]["sled"]
+    assert (s["rounds"], s["drafted"], s["accepted"]) == (2, 8, 4)
+    assert s["per_request"] == {"rounds": 3, "drafted": 8, "accepted": 4, "mean_rounds": 1.5,
+                                "tokens_per_round": 3.0}
+    assert sample(agg, "wisp_request_rounds_total", {"mode": "sled"}) == 3
+    assert sample(agg, "wisp_draft_tokens_total", {"mode": "sled"}) == 8
+
+
+# -- rounds, verdicts, batches, errors ----------------------------------------------------------
 def test_acceptance_length_rate_and_wasted_drafting() -> None:
     agg = MetricsAggregator()
     for drafted, accepted, wasted in ((4, 4, 0.0), (4, 1, 30.0), (6, 3, 12.5), (0, 0, 0.0)):
-        agg.observe(event("round", mode="ucb", round=0, drafted=drafted, accepted=accepted,
-                          draft_ms=40.0, wasted_draft_ms=wasted, rtt_ms=10.0, budget_ms=-5.0))
+        agg.observe(round_event("ucb", drafted=drafted, accepted=accepted,
+                                wasted_draft_ms=wasted))
     s = agg.summary()["modes"]["ucb"]
     assert (s["rounds"], s["drafted"], s["accepted"]) == (4, 14, 8)
     assert s["mean_acceptance_length"] == pytest.approx(2.0)
     assert s["acceptance_rate"] == pytest.approx(8 / 14, abs=1e-4)
     assert s["wasted_draft_s"] == pytest.approx(0.0425)
-    assert s["requests"] == 0 and s["slo_attainment"] is None
+    assert s["requests"] == 0 and s["slo_attainment"] is None and s["window_s"] == 0.0
+    assert s["per_request"]["mean_rounds"] is None
     assert sample(agg, "wisp_draft_tokens_total", {"mode": "ucb"}) == 14
     assert sample(agg, "wisp_accepted_tokens_total", {"mode": "ucb"}) == 8
     assert sample(agg, "wisp_wasted_draft_seconds_total", {"mode": "ucb"}) == \
         pytest.approx(0.0425)
     assert sample(agg, "wisp_acceptance_length_count", {"mode": "ucb"}) == 4
     assert sample(agg, "wisp_acceptance_length_bucket", {"mode": "ucb", "le": "1.0"}) == 2
+    assert agg.summary()["events"]["received"] == {"round": 4}
+
+
+def test_verdicts_are_counted_from_the_verifiers_side() -> None:
+    agg = MetricsAggregator()
+    agg.observe(verdict(num_drafted=1, num_accepted=1, draft_features=FEATURES))
+    agg.observe(verdict(num_drafted=4, num_accepted=2, greedy=False))
+    agg.observe(verdict(num_drafted=0, num_accepted=0))  # an empty draft (centralized)
+    v = agg.summary()["verdicts"]
+    assert v == {"count": 3, "greedy": 2, "with_features": 1, "drafted": 5, "accepted": 3,
+                 "mean_acceptance_length": 1.0, "acceptance_rate": 0.6}
+    assert agg.summary()["modes"] == {}  # verdicts carry no mode: never mixed with rounds
+    assert sample(agg, "wisp_verdict_draft_tokens_total", {}) == 5
+    assert sample(agg, "wisp_verdict_accepted_tokens_total", {}) == 3
+    assert sample(agg, "wisp_metrics_events_total", {"kind": "verdict"}) == 3
 
 
 def test_batches_and_queue_depth() -> None:
     agg = MetricsAggregator()
     for size, ms, depth in ((2, 10.0, 5), (4, 20.0, 3), (6, 30.0, 0)):
-        agg.observe(event("batch", verifier_id="v1", size=size, batch_ms=ms, num_linear=size,
-                          num_interactions=size * 10, num_cached=100, queue_depth=depth))
-    agg.observe(event("batch", verifier_id="v2", size=1, batch_ms=40.0, queue_depth=7))
+        agg.observe(batch("v1", size=size, batch_ms=ms, queue_depth=depth))
+    agg.observe(batch("v2", size=1, batch_ms=40.0, queue_depth=7))
     b = agg.summary()["batches"]
     assert b["count"] == 4 and b["mean_size"] == pytest.approx(13 / 4)
     assert b["batch_ms"]["p50"] == pytest.approx(25.0)
-    assert b["queue_depth"] == {"v1": 0, "v2": 7}
+    assert b["queue_depth"] == {"v1": 0, "v2": 7}  # the latest per verifier
+    assert sample(agg, "wisp_queue_depth", {"verifier_id": "v1"}) == 0
     assert sample(agg, "wisp_queue_depth", {"verifier_id": "v2"}) == 7
     assert sample(agg, "wisp_batch_size_sum", {}) == 13
     assert sample(agg, "wisp_batch_seconds_count", {}) == 4
+    assert sample(agg, "wisp_batch_seconds_sum", {}) == pytest.approx(0.1)
 
 
 def test_errors_by_service_and_code() -> None:
     agg = MetricsAggregator()
-    agg.observe(event("error", service="gpu-verifier", code="base_mismatch"))
-    agg.observe(event("error", service="gpu-verifier", code="base_mismatch"))
-    agg.observe(event("error", service="edge-drafter", code="internal"))
+    agg.observe(error("gpu-verifier", "base_mismatch"))
+    agg.observe(error("gpu-verifier", "base_mismatch"))
+    agg.observe(ErrorEvent(ts_ms=1.0, service="edge-drafter", code="internal"))  # no sid
     assert agg.summary()["errors"] == [
         {"service": "edge-drafter", "code": "internal", "count": 1},
         {"service": "gpu-verifier", "code": "base_mismatch", "count": 2},
     ]
     assert sample(agg, "wisp_errors_total",
                   {"service": "gpu-verifier", "code": "base_mismatch"}) == 2
+    assert sample(agg, "wisp_errors_total", {"service": "edge-drafter", "code": "internal"}) == 1
 
 
-# -- bad input ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", [
-    event("request", mode="wisp", e2e_ms=1.0),  # num_tokens missing
-    event("request", mode="turbo", num_tokens=1, e2e_ms=1.0),  # unknown mode
-    event("request", mode="wisp", num_tokens=True, e2e_ms=1.0),  # bool is not a count
-    event("request", mode="wisp", num_tokens=1, e2e_ms=-1.0),
-    event("round", mode="sled", drafted=2, accepted=3),  # accepted > drafted
-    event("round", mode="sled", drafted="2", accepted=1),
-    event("batch", size=2),  # batch_ms missing
-    event("batch", size=2, batch_ms=1.0, verifier_id="a b", queue_depth=1),
-    event("error", service="x"),
-])
-def test_malformed_events_are_counted_and_change_nothing_else(bad: Event) -> None:
+def test_error_series_are_capped() -> None:
     agg = MetricsAggregator()
-    with pytest.raises(MalformedEvent):
-        agg.observe(bad)
-    s = agg.summary()
-    assert s["events"]["malformed"] == {bad.kind: 1}
-    assert s["modes"] == {} and s["batches"]["count"] == 0 and s["errors"] == []
-    assert sample(agg, "wisp_metrics_malformed_events_total", {"kind": bad.kind}) == 1
+    for i in range(MAX_ERROR_SERIES):
+        agg.observe(error("svc", f"code{i}"))
+    agg.observe(error("svc", "code5"))  # a known pair keeps its own series
+    agg.observe(error("svc", "brand_new"))  # new pairs past the cap share one series,
+    agg.observe(error("another-service", "x"))  # whatever their service
+    errors = {(e["service"], e["code"]): e["count"] for e in agg.summary()["errors"]}
+    assert len(errors) == MAX_ERROR_SERIES + 1
+    assert errors[("svc", "code5")] == 2
+    assert errors[(ERROR_OVERFLOW, ERROR_OVERFLOW)] == 2
+    assert ("svc", "brand_new") not in errors and ("another-service", "x") not in errors
+    series = [s for s in all_samples(agg) if s[0] == "wisp_errors_total"]
+    assert len(series) == MAX_ERROR_SERIES + 1
+    assert sample(agg, "wisp_errors_total",
+                  {"service": ERROR_OVERFLOW, "code": ERROR_OVERFLOW}) == 2
 
 
-def test_unknown_kinds_and_fields_are_ignored() -> None:
+def test_observe_refuses_what_is_not_an_event() -> None:
     agg = MetricsAggregator()
-    assert agg.observe(event("heartbeat", anything=1)) is False
-    assert agg.observe(request(num_tokens=3, new_field="x"), now_s=1.0) is True
-    s = agg.summary()
-    assert s["events"]["received"] == {"other": 1, "request": 1}
-    assert s["events"]["malformed"] == {}
-    assert s["modes"]["wisp"]["requests"] == 1
+    with pytest.raises(TypeError):
+        agg.observe({"type": "request"})  # type: ignore[arg-type]
+    assert agg.summary()["events"] == {"received": {}, "malformed": {}}
+
+
+# -- bad input: refused by decode, counted by the service, nothing else changes ------------------
+def _payload(ev: Any, **changes: Any) -> bytes:
+    """``ev`` on the wire with ``changes`` applied to its map (a dotted name reaches into a
+    nested object; None as a value removes the field)."""
+    raw = msgspec.msgpack.decode(encode(ev))
+    for name, value in changes.items():
+        *path, last = name.split(".")
+        target = raw
+        for part in path:
+            target = target[part]
+        if value is None:
+            del target[last]
+        else:
+            target[last] = value
+    return msgspec.msgpack.encode(raw)
+
+
+# name: (payload, a fragment of decode's reason: each case fails for the reason it is about)
+BAD_PAYLOADS: dict[str, tuple[bytes, str]] = {
+    "not msgpack": (b"\xc1 not msgpack", "not valid msgpack"),
+    "empty": (b"", "payload is empty"),
+    "truncated": (encode(request())[:-3], "not valid msgpack"),
+    "not a map": (msgspec.msgpack.encode([1, 2, 3]), "Expected `object`, got `array`"),
+    "no type tag": (_payload(request(), type=None), "missing required field `type`"),
+    "unknown tag": (_payload(error(), type="heartbeat"), "Invalid value 'heartbeat'"),
+    "old untyped event": (msgspec.msgpack.encode(
+        {"kind": "request", "ts_ms": 1.0, "fields": {"mode": "wisp", "num_tokens": 1}}),
+        "missing required field `type`"),
+    "other protocol version": (_payload(request(), v=2), "unsupported protocol version 2"),
+    "unknown field": (_payload(request(), slo_met=True), "unknown field `slo_met`"),
+    "missing field": (_payload(request(), num_tokens=None), "missing required field `num_tokens`"),
+    "missing nested field": (_payload(request(), **{"timings.e2e_ms": None}),
+                             "missing required field `e2e_ms`"),
+    "bool is not a count": (_payload(request(), num_tokens=True), "got `bool`"),
+    "negative count": (_payload(request(), num_tokens=-1), ">= 0 - at `$.num_tokens`"),
+    "string count": (_payload(round_event(), drafted="2"), "got `str` - at `$.drafted`"),
+    "unknown mode": (_payload(request(), mode="turbo"), "Invalid enum value 'turbo'"),
+    "unknown finish reason": (_payload(request(), finish_reason="timeout"),
+                              "Invalid enum value 'timeout'"),
+    "negative duration": (_payload(request(), **{"timings.e2e_ms": -1.0}),
+                          "at `$.timings.e2e_ms`"),
+    "NaN duration": (_payload(round_event(), wasted_draft_ms=math.nan),
+                     "at `$.wasted_draft_ms`"),
+    "infinite budget": (_payload(round_event(), budget_ms=math.inf), "at `$.budget_ms`"),
+    "SLO bound of 0 (no SLO is None)": (_payload(request(), **{"slo.ttft_ms": 0.0}),
+                                        "> 0.0 - at `$.slo.ttft_ms`"),
+    "request accepted > drafted": (_payload(request(), **{"stats.accepted": 13}),
+                                   "accepted (13) exceeds drafted (12)"),
+    "round accepted > drafted": (_payload(round_event(drafted=2, accepted=2), accepted=3),
+                                 "accepted (3) exceeds drafted (2)"),
+    "bad sid": (_payload(round_event(), sid="a.b"), "at `$.sid`"),
+    "verifier id with a space": (_payload(batch(), verifier_id="a b"), "at `$.verifier_id`"),
+    "batch without batch_ms": (_payload(batch(), batch_ms=None),
+                               "missing required field `batch_ms`"),
+    "negative queue depth": (_payload(batch(), queue_depth=-1), "at `$.queue_depth`"),
+    "error without code": (_payload(error(), code=None), "missing required field `code`"),
+    "error service with a wildcard": (_payload(error(), service="edge.*"), "at `$.service`"),
+    "verdict feature row too short": (_payload(verdict(), draft_features=[[0.1, 0.2]]),
+                                      "at `$.draft_features[0]`"),
+    "verdict negative count": (_payload(verdict(), num_drafted=-1), "at `$.num_drafted`"),
+}
+
+
+@pytest.mark.parametrize(("data", "reason"), BAD_PAYLOADS.values(), ids=BAD_PAYLOADS.keys())
+def test_decode_refuses_malformed_events(data: bytes, reason: str) -> None:
+    with pytest.raises(WispError) as info:
+        decode(AnyEvent, data)
+    assert info.value.code == ErrorCode.BAD_REQUEST
+    assert reason in info.value.message
+
+
+def _fed_service() -> MetricsService:
+    service = MetricsService(MetricsConfig())
+    for ev in (request(), request("sled", slo=None), round_event(wasted_draft_ms=3.0),
+               verdict(draft_features=FEATURES), batch(queue_depth=2), error()):
+        service.handle("wisp.events.x", encode(ev), now_s=5.0)
+    return service
+
+
+@pytest.mark.parametrize("data", [data for data, _ in BAD_PAYLOADS.values()],
+                         ids=BAD_PAYLOADS.keys())
+def test_malformed_payloads_are_counted_and_change_nothing_else(data: bytes) -> None:
+    service = _fed_service()
+    agg = service.aggregator
+    before, samples_before = agg.summary(), all_samples(agg)
+    service.handle("wisp.events.request", data, now_s=6.0)  # never raises
+    after, samples_after = agg.summary(), all_samples(agg)
+    assert after["events"]["malformed"] == {"undecodable": 1}
+    after["events"]["malformed"] = before["events"]["malformed"]
+    assert after == before
+    key = ("wisp_metrics_malformed_events_total", (("kind", "undecodable"),))
+    assert samples_after.pop(key) == 1
+    assert samples_after == samples_before
+
+
+def test_the_service_feeds_decoded_events_and_survives_aggregator_bugs() -> None:
+    class Broken(MetricsAggregator):
+        def _on_round(self, ev: RoundEvent, now_s: float) -> None:
+            raise RuntimeError("a bug")
+
+        _handlers = {**MetricsAggregator._handlers, RoundEvent: _on_round}
+
+    service = MetricsService(MetricsConfig(), aggregator=Broken())
+    service.handle("wisp.events.request", encode(request()), now_s=1.0)
+    service.handle("wisp.events.round", encode(round_event()), now_s=1.0)  # logged, counted
+    service.handle("wisp.events.request", encode(request(num_tokens=5)), now_s=2.0)
+    s = service.aggregator.summary()
+    assert s["modes"]["wisp"]["requests"] == 2 and s["modes"]["wisp"]["output_tokens"] == 15
+    assert s["events"] == {"received": {"request": 2, "round": 1},
+                           "malformed": {"round": 1}}
 
 
 def test_percentile_samples_are_bounded() -> None:
     agg = MetricsAggregator(max_samples=3)
     for ttft in (1000.0, 1.0, 2.0, 3.0):
         agg.observe(request(ttft_ms=ttft), now_s=1.0)
-    assert agg.summary()["modes"]["wisp"]["ttft_ms"]["p99"] == pytest.approx(3.0, abs=0.1)
-    assert agg.summary()["modes"]["wisp"]["requests"] == 4
+    for ms in (1000.0, 1.0, 2.0, 3.0):
+        agg.observe(batch(batch_ms=ms))
+    s = agg.summary()
+    assert s["modes"]["wisp"]["ttft_ms"]["p99"] == pytest.approx(3.0, abs=0.1)
+    assert s["modes"]["wisp"]["requests"] == 4
+    assert s["batches"]["batch_ms"]["p99"] == pytest.approx(3.0, abs=0.1)
+    assert s["batches"]["count"] == 4
+    # Prometheus histograms still see every observation.
+    assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 4
 
 
 def test_own_registry_and_dashboard_render() -> None:
     a, b = MetricsAggregator(), MetricsAggregator()  # two instances do not collide
     a.observe(request(), now_s=1.0)
+    a.observe(verdict())
+    a.count_malformed()
     assert sample(b, "wisp_requests_total", {"mode": "wisp", "slo": "met"}) is None
     assert b"wisp_requests_total" in generate_latest(a.registry)
     page = render_dashboard(a.summary(), refresh_s=7)
     assert 'http-equiv="refresh" content="7"' in page and "<td>wisp</td>" in page
+    assert "<td>verdict</td>" in page and "<td>undecodable</td>" in page
     assert "http://" not in page and "https://" not in page  # no external assets
+    empty = render_dashboard(b.summary())
+    assert "no requests yet" in empty and "no errors" in empty

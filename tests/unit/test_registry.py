@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from common.protocol import BatchDone, Heartbeat, VerifyRequest
+from common.protocol import (
+    BatchDone,
+    Heartbeat,
+    ModelLimits,
+    SessionLength,
+    SessionSpec,
+    VerifyRequest,
+    VocabInfo,
+)
 from services.admission_scheduler.batching import PendingVerify
 from services.admission_scheduler.registry import VerifierRegistry
 
 T0 = 1_000_000.0  # ms
+VOCAB = VocabInfo(size=100, digest="0123456789abcdef")
 
 
-def hb(vid: str, free: int = 100, total: int = 100) -> Heartbeat:
+def limits(k_max: int = 8, context: int = 2048, vocab: VocabInfo = VOCAB) -> ModelLimits:
+    return ModelLimits(vocab=vocab, k_max=k_max, max_context=context, max_prompt_tokens=1024)
+
+
+def hb(vid: str, free: int = 100, total: int = 100, **kw) -> Heartbeat:
     return Heartbeat(verifier_id=vid, model="m", hardware="cpu", free_blocks=free,
-                     total_blocks=total, num_sessions=0, ts_ms=0.0)
+                     total_blocks=total, block_size=16, num_sessions=0,
+                     limits=limits(**kw), ts_ms=0.0)
 
 
 def pending(sid: str, round: int = 0, arrival_ms: float = T0,
@@ -108,14 +122,52 @@ def test_done_finishes_only_the_batch_in_flight_and_keeps_feedback() -> None:
     reg.enqueue(pending("s"), T0)
     reg.start_batch("a", "b1", list(reg.verifiers["a"].queue), T0)
     assert reg.verifiers["a"].queue == []
-    assert reg.dispatchable() == []  # one batch in flight at most
+    assert reg.dispatchable() == []  # one batch in flight at most (by default)
     done = BatchDone(verifier_id="a", batch_id="b1", batch_ms=5.0, size=1, num_linear=3,
-                     num_interactions=9, num_cached=5)
+                     num_interactions=9, num_cached=5,
+                     sessions=[SessionLength(sid="s", committed_len=8, cached_len=7)])
     assert reg.finish_batch("a", "other", done) is None
     finished = reg.finish_batch("a", "b1", done)
     assert finished is not None and [e.sid for e in finished.entries] == ["s"]
-    assert reg.verifiers["a"].in_flight is None
+    assert reg.verifiers["a"].in_flight == {}
     assert reg.verifiers["a"].state().recent_done == (done, done)
+    # The verifier's report feeds the session table: the next round is warm.
+    entry = reg.sessions.get("s")
+    assert (entry.committed_len, entry.cached_len) == (8, 7)
+    assert reg.sessions.round_shape("s", 8, 3) == (1 + 3, 7)
+
+
+def test_more_than_one_batch_in_flight_when_allowed() -> None:
+    reg = registry(("a", 10))
+    for sid in ("s", "t"):
+        reg.assign(sid, "a", T0)
+        reg.enqueue(pending(sid), T0)
+    reg.start_batch("a", "b1", reg.verifiers["a"].queue[:1], T0)
+    assert reg.dispatchable(max_in_flight=1) == []
+    assert reg.dispatchable(max_in_flight=2) == ["a"]
+    reg.start_batch("a", "b2", reg.verifiers["a"].queue[:1], T0 + 1)
+    assert list(reg.verifiers["a"].in_flight) == ["b1", "b2"]
+    assert reg.finish_batch("a", "b2") is not None  # done out of order is fine
+    assert list(reg.verifiers["a"].in_flight) == ["b1"]
+    # A death re-queues every batch in flight.
+    reg.heartbeat(hb("b"), T0 + 2)
+    death = reg.declare_dead("a", "heartbeat", T0 + 3)
+    assert death.num_requeued == 1 and [e.sid for e in reg.verifiers["b"].queue] == ["s"]
+
+
+def test_sessions_only_go_to_verifiers_whose_limits_fit() -> None:
+    reg = registry()
+    reg.heartbeat(hb("small", k_max=4), T0)
+    reg.heartbeat(hb("other-vocab", vocab=VocabInfo(size=100, digest="f" * 16)), T0)
+    reg.heartbeat(hb("big", free=1, k_max=16), T0)
+    spec = SessionSpec(sid="s", mode="sled", max_new_tokens=32, k_max=8)
+    entry = reg.assign("s", "big", T0, spec=spec, vocab=VOCAB, prompt_len=10)
+    assert [v.verifier_id for v in reg.candidates()][0] == "other-vocab"  # most free blocks
+    assert reg.pick(entry) == "big"
+    assert reg.pick(None) == "other-vocab"  # needs unknown: any live verifier
+    # Failover keeps to fitting verifiers: with "big" dead, "s" has nowhere to go.
+    death = reg.declare_dead("big", "heartbeat", T0 + 1)
+    assert death.moved_sessions == {} and reg.verifier_of("s") == "big"
 
 
 # -- reassignment -----------------------------------------------------------------------------
@@ -138,7 +190,7 @@ def test_death_moves_sessions_queued_and_in_flight_entries() -> None:
     assert {sid: reg.verifier_of(sid) for sid in ("s1", "s2", "s3")} == death.moved_sessions
     queues = {vid: [(e.sid, e.request.round) for e in reg.verifiers[vid].queue] for vid in "bc"}
     assert queues == {"b": [("s2", 0)], "c": [("s1", 0), ("s3", 0), ("s1", 1)]}
-    assert reg.verifiers["a"].queue == [] and reg.verifiers["a"].in_flight is None
+    assert reg.verifiers["a"].queue == [] and reg.verifiers["a"].in_flight == {}
 
 
 def test_enqueue_for_a_dead_verifier_moves_the_session() -> None:
@@ -197,6 +249,6 @@ def test_forget_and_forget_idle_and_snapshot() -> None:
     snap = reg.snapshot(T0 + 1_000)
     assert snap["verifiers"][0] | {"last_seen_ms_ago": 0} == {
         "id": "a", "alive": True, "model": "m", "hardware": "cpu", "free_blocks": 10,
-        "total_blocks": 100, "sessions": 0, "reported_sessions": 0, "queue_depth": 1,
-        "in_flight": None, "last_seen_ms_ago": 0}
+        "total_blocks": 100, "k_max": 8, "sessions": 0, "reported_sessions": 0,
+        "queue_depth": 1, "in_flight": [], "last_seen_ms_ago": 0}
     assert snap["orphaned"] == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -49,7 +48,7 @@ def test_params_defaults_are_greedy():
 
 def test_params_frozen_and_slotted():
     params = SamplingParams(temperature=1.0)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         params.temperature = 0.5  # type: ignore[misc]
     assert not hasattr(params, "__dict__")
 
@@ -150,6 +149,30 @@ def test_target_probs_rows_independent_and_masked_tokens():
                         torch.tensor([[float("-inf"), 0.0, 0.0]])])
     probs = target_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
     assert_close(probs, [[0.625, 0.375, 0.0], [0.0, 0.5, 0.5]])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-300),  # vanishing temperature: the argmax
+    SamplingParams(temperature=5e-324),  # the smallest positive float
+    SamplingParams(temperature=1.0, top_p=1e-300),  # vanishing nucleus: the top token
+    SamplingParams(temperature=1.0, top_k=1),
+])
+def test_degenerate_values_give_the_argmax_exactly(params):
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [5.0, 4.0, 3.0, -50.0]])
+    assert_close(target_probs(logits, params), [[0, 1, 0, 0], [1, 0, 0, 0]], atol=0)
+    if params.top_p == 1.0 and params.top_k == 0:  # the draft reads temperature, not top-k/p
+        ids, probs = draft_sparse(logits, params)
+        assert ids[:, 0].tolist() == [1, 0] and probs[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_degenerate_values_keep_ties_and_reach_the_uniform_limit():
+    ties = torch.tensor([[3.0, 3.0, 1.0]])
+    assert_close(target_probs(ties, SamplingParams(temperature=1e-300)), [[0.5, 0.5, 0.0]])
+    hot = target_probs(torch.tensor([[0.0, 10.0, -10.0]]), SamplingParams(temperature=1e300))
+    assert_close(hot, [[1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(
+        target_probs(torch.tensor([[0.0, 1.0]]), SamplingParams(temperature=1.0, top_k=10**9)),
+        target_probs(torch.tensor([[0.0, 1.0]]), SamplingParams(temperature=1.0)))
 
 
 def test_target_probs_greedy_is_one_hot_argmax():
@@ -277,10 +300,6 @@ def test_inverse_cdf_edges_never_hit_zero_weight_columns():
         (torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.3, 0.2]])),  # shape mismatch
         (torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.5]])),  # float ids
         (torch.tensor([[1, 2]]), torch.tensor([[1, 0]])),  # int probs
-        (torch.tensor([[1, 2]]), torch.tensor([[1.5, -0.5]])),  # negative
-        (torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.4]])),  # sum != 1
-        (torch.tensor([[1, 2]]), torch.tensor([[float("nan"), 1.0]])),
-        (torch.tensor([[-1, 2]]), torch.tensor([[0.5, 0.5]])),  # negative id
         (torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, 0)),  # m = 0
     ],
 )
@@ -291,8 +310,7 @@ def test_sample_sparse_malformed(ids, probs):
 
 @pytest.mark.parametrize(
     "probs",
-    [torch.tensor([0.5, 0.5]), torch.tensor([[0.5, 0.6]]), torch.tensor([[-0.1, 1.1]]),
-     torch.tensor([[1, 0]])],
+    [torch.tensor([0.5, 0.5]), torch.tensor([[1, 0]]), torch.zeros(1, 0)],
 )
 def test_sample_probs_malformed(probs):
     with pytest.raises(ValueError):
@@ -342,8 +360,6 @@ def test_greedy_accept_accepts_tensor_and_numpy_like_ids():
     [
         ([2, 4], one_hot_logits([2, 4])),  # k+1 rows expected, got k
         ([2], one_hot_logits([2, 4, 1])),  # too many rows
-        ([5], one_hot_logits([2, 4])),  # id == V
-        ([-1], one_hot_logits([2, 4])),  # negative id
         ([2.0], one_hot_logits([2, 4])),  # non-int id
         ([True], one_hot_logits([2, 4])),  # bool is not a token id
         ("ab", one_hot_logits([2, 4, 1])),  # not a sequence of ints
@@ -437,25 +453,18 @@ def _valid_round():
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda d, i, p, t: ([1, 1], i, p, t), "not among"),  # x not in sparse ids
         (lambda d, i, p, t: ([2], i, p, t), "k = 1 rows"),  # k mismatch with sparse rows
         (lambda d, i, p, t: (d, i, p, t[:2]), "k\\+1"),  # target rows != k+1
         (lambda d, i, p, t: (d, i, p[:, :1], t), "shape"),  # ids / probs widths differ
         (lambda d, i, p, t: (d, i.flatten(), p, t), "2-D"),
         (lambda d, i, p, t: (d, i, p, t.flatten()), "2-D"),
-        (lambda d, i, p, t: ([2, 4], i, p, t), "outside"),  # draft id >= V
-        (lambda d, i, p, t: (d, i + 2, p, t), "outside"),  # sparse id >= V
-        (lambda d, i, p, t: (d, i, p, t * 2), "sum to 1"),  # target not normalised
-        (lambda d, i, p, t: (d, i, p * 0.5, t), "sum to 1"),  # draft not normalised
-        (lambda d, i, p, t: (d, i, torch.tensor([[1.2, -0.2], [0.9, 0.1]]), t), "negative"),
-        (lambda d, i, p, t: (d, i, p, t - 0.3), "negative"),
-        (lambda d, i, p, t: (d, torch.tensor([[2, 2], [0, 3]]), p, t), "duplicate"),
         (lambda d, i, p, t: (d, i.float(), p, t), "integer"),
         (lambda d, i, p, t: (d, i, p, t.long()), "floating"),
-        (lambda d, i, p, t: (d, i, torch.tensor([[0.6, 0.4], [1.0, 0.0]]), t), "probability 0"),
     ],
 )
-def test_speculative_accept_malformed(mutate, match):
+def test_speculative_accept_malformed_shapes(mutate, match):
+    """Shapes and dtypes are programming errors, caught here; the values of a draft's sparse
+    distribution are checked once, at the wire boundary (test_protocol)."""
     args = mutate(*_valid_round())
     with pytest.raises(ValueError, match=match):
         speculative_accept(*args, gen())

@@ -9,12 +9,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from common.engine.drafter import DrafterCore
+from common.engine.inprocess import GenerationRequest, InProcessEngine
+from common.engine.policies import FixedK
+from common.engine.verifier import VerifierCore
 from common.models.paged_runner import PagedRunner
 from common.sampling import SamplingParams, target_probs
-from services.edge_drafter.core import DrafterCore
-from services.edge_drafter.policies import FixedK
-from services.gpu_verifier.core import VerifierCore
-from services.inprocess import GenerationRequest, InProcessEngine
 from tests.unit.tiny_random_models import tiny_llama
 
 V = 8
@@ -53,8 +53,8 @@ def sampled():
     torch.manual_seed(0)
     target, draft = peaky(3), peaky(4)
     engine = InProcessEngine(
-        VerifierCore(PagedRunner(target, num_blocks=4 * N, block_size=4), None, k_max=1),
-        DrafterCore(PagedRunner(draft, num_blocks=4 * N, block_size=4), None, k_max=1))
+        VerifierCore(PagedRunner(target, num_blocks=4 * N, block_size=4), None),
+        DrafterCore(PagedRunner(draft, num_blocks=4 * N, block_size=4), None, k_max=1), k_max=1)
     results = engine.generate_many([GenerationRequest(PROMPT, 2, PARAMS, seed=i,
                                                       policy=FixedK(1)) for i in range(N)])
     counts = torch.zeros(V, V)

@@ -1,5 +1,6 @@
-"""Emulated edge devices: draft speed and network link, applied at the transport so that a
-benchmark can model a device honestly and reproducibly on any host.
+"""Emulated edge devices: draft speed and network link, applied at the edge's ports (around
+the draft port and the NATS verify port) so that a benchmark can model a device honestly and
+reproducibly on any host.
 
 The named profiles are illustrative assumptions for experiments, not measurements of real
 devices; pass explicit numbers (or your own measured profile) for claims about hardware.
@@ -7,8 +8,13 @@ devices; pass explicit numbers (or your own measured profile) for claims about h
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
+
+from common.engine.session import DraftPort
+from common.errors import ErrorCode, WispError
+from common.transport.generation import NatsVerifyPort
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +63,11 @@ class LinkEmulator:
         self.profile = profile
         self._rng = random.Random(seed)
 
+    @property
+    def uplink_ms(self) -> float:
+        """The edge's estimate of its one-way time to the server (for round budgets)."""
+        return self.profile.rtt_ms / 2
+
     def draft_delay_s(self, num_tokens: int, measured_s: float) -> float:
         """Extra wait so drafting `num_tokens` takes as long as on the emulated device."""
         if not self.profile.draft_ms_per_token:
@@ -74,3 +85,46 @@ class LinkEmulator:
         if kbps:
             ms += num_bytes * 8 / kbps  # kbit/s == bit/ms
         return ms / 1e3
+
+
+class EmulatedDrafter:
+    """A DraftPort that drafts as slowly as the emulated device: after the real draft it
+    waits out the rest of the profile's per-token time, and reports that time per token."""
+
+    def __init__(self, inner: DraftPort, link: LinkEmulator):
+        self.inner, self.link = inner, link
+
+    async def draft(self, sid: str):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        draft = await self.inner.draft(sid)
+        k = len(draft.token_ids)
+        await asyncio.sleep(self.link.draft_delay_s(k, loop.time() - t0))
+        if self.link.profile.draft_ms_per_token:
+            draft.token_times_s = [self.link.profile.draft_ms_per_token / 1e3] * k
+        return draft
+
+    async def apply(self, sid, num_accepted, new_tokens, round_trip_s) -> None:
+        await self.inner.apply(sid, num_accepted, new_tokens, round_trip_s)
+
+    async def resync(self, sid, committed) -> None:
+        await self.inner.resync(sid, committed)
+
+
+def emulate(default_profile: DeviceProfile | None):
+    """The edge's emulation hook for `GenerationServer`: a request's named profile (or the
+    process's default) shapes that session's ports; an unknown name is a BAD_REQUEST."""
+
+    def wrap(name: str | None, sid: str, verifier: NatsVerifyPort,
+             drafter: DraftPort | None) -> tuple[NatsVerifyPort, DraftPort | None]:
+        try:
+            profile = get_profile(name) if name else default_profile
+        except ValueError as exc:
+            raise WispError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        if profile is None:
+            return verifier, drafter
+        link = LinkEmulator(profile, seed=int(sid[:16], 16))
+        verifier.link = link
+        return verifier, EmulatedDrafter(drafter, link) if drafter is not None else None
+
+    return wrap

@@ -21,6 +21,8 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from common.config import BaseConfig
+from common.protocol import AnyEvent, encode
+from common.subjects import event
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +116,15 @@ async def run_service(service: Service, config: BaseConfig,
         except TimeoutError:
             log.warning("drain_timeout", drain_timeout_s=config.drain_timeout_s)
     log.info("service_stopped")
+
+
+async def publish_event(nc: NATS, ev: AnyEvent) -> None:
+    """Publish `ev` on wisp.events.{kind}; an event lost to a closed connection is logged,
+    never raised into the caller's work."""
+    try:
+        await nc.publish(event(type(ev).__struct_config__.tag), encode(ev))
+    except Exception as exc:  # noqa: BLE001 - events are best effort
+        log.warning("event_publish_failed", kind=type(ev).__struct_config__.tag, error=str(exc))
 
 
 async def _close_nats(nc: NATS) -> None:

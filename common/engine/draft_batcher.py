@@ -1,8 +1,9 @@
-"""Share each draft forward pass among the sessions of one process that draft at once.
+"""A `DraftPort` for asyncio drivers: shares each draft forward pass among the sessions of one
+process that draft at once, and keeps model work off the event loop.
 
 Every call on the drafter core runs on one dedicated worker thread (the core is not thread
-safe, and model work must stay off the event loop). Sessions that ask for a draft while a
-batch is running join the next batch, so under load batches grow by themselves.
+safe). Sessions that ask for a draft while a batch is running join the next batch, so under
+load batches grow by themselves.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from services.edge_drafter.core import Draft, DrafterCore
+from common.engine.drafter import Draft, DrafterCore
+from common.engine.policies import DraftPolicy
+from common.protocol import SessionSpec
+
+__all__ = ["DraftBatcher"]
 
 
 class DraftBatcher:
@@ -22,9 +27,23 @@ class DraftBatcher:
         self._task: asyncio.Task | None = None
 
     async def call(self, fn, *args, **kwargs):
-        """Run any other core method (open, apply, close) on the drafter thread."""
+        """Run a core method on the drafter thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def open(self, spec: SessionSpec, prompt_ids: list[int], policy: DraftPolicy,
+                   committed_output: list[int] | None = None) -> None:
+        await self.call(self.core.open, spec, prompt_ids, policy, committed_output)
+
+    async def close(self, sid: str) -> None:
+        await self.call(self.core.close, sid)
+
+    async def apply(self, sid: str, num_accepted: int, new_tokens: list[int],
+                    round_trip_s: float | None) -> None:
+        await self.call(self.core.apply, sid, num_accepted, new_tokens, round_trip_s)
+
+    async def resync(self, sid: str, committed: list[int]) -> None:
+        await self.call(self.core.resync, sid, committed)
 
     async def draft(self, sid: str) -> Draft:
         if sid in self._waiting:
@@ -55,7 +74,7 @@ class DraftBatcher:
                 if not future.done():
                     future.set_result(drafts[sid])
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
