@@ -174,6 +174,23 @@ async def test_bad_input_gets_clear_errors_while_others_continue(stack, cases, n
     assert ids == refs[0]
 
 
+async def test_degenerate_sampling_values_leave_concurrent_sessions_exact(stack, cases):
+    """Requests at the edges of the sampling ranges, sent while greedy sessions generate: the
+    greedy ones stay exact, and the degenerate ones work exactly too (each of these settings
+    makes the target's distribution its argmax, so they equal the greedy output)."""
+    prompts, refs = cases
+    degenerate = [dict(temperature=1.0, top_p=1e-300), dict(temperature=1e-300),
+                  dict(temperature=5e-324, top_p=1e-300), dict(temperature=1e300, top_k=1)]
+    async with Client(stack.nats_url, timeout_s=120) as client:
+        results = await asyncio.gather(
+            *(generate_ids(client, p, "sled") for p in prompts[:4]),
+            *(generate_ids(client, p, mode, seed=i, **params)
+              for i, (p, params, mode) in enumerate(zip(
+                  prompts[4:], degenerate, ["sled", "sled", "colocated", "sled"], strict=True))))
+    assert [ids for ids, _ in results] == refs
+    assert all(done.finish_reason != "error" for _, done in results)
+
+
 def test_the_readme_sdk_example_runs_against_the_stack(stack):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("### Client SDK"):]
