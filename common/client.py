@@ -9,7 +9,7 @@
     with SyncClient(nats_url) as c:          # from plain synchronous code
         print(c.generate_text("def fib(n):").text)
 
-Mechanics (docs/services.md): the client subscribes to a fresh inbox, publishes a
+Mechanics (docs/architecture.md): the client subscribes to a fresh inbox, publishes a
 ``GenerateRequest`` to ``wisp.edge.generate`` (``wisp.server.generate`` for the server-side
 modes ``centralized`` and ``colocated``) with that inbox as reply subject, and reads
 ``TokenChunk`` messages until ``GenerateDone``.

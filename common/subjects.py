@@ -1,4 +1,4 @@
-"""NATS subjects, queue groups and Redis keys (DESIGN.md §4, §5), in one place.
+"""NATS subjects, queue groups and Redis keys (docs/architecture.md), in one place.
 
 Ids that become part of a subject or a key are checked here, so that a session id like
 ``"a.b"``, ``"*"``, ``">"`` or ``"x:tokens"`` can never address someone else's subject or key:
@@ -21,9 +21,6 @@ __all__ = [
     "DEADLINES_KEY",
     "EDGE_QUEUE",
     "EVENTS_ALL",
-    "EVENT_BATCH",
-    "EVENT_REQUEST",
-    "EVENT_ROUND",
     "GENERATE_EDGE",
     "KEY_PREFIX",
     "METRICS_QUEUE",
@@ -73,10 +70,8 @@ VERIFIER_HEARTBEAT = "wisp.verifier.heartbeat"  # verifier -> scheduler
 EVENTS_ALL = "wisp.events.>"  # metrics and predictor subscribe to every event kind
 PREDICTOR_UPDATED = "wisp.predictor.updated"  # predictor -> edge-drafters
 
-# Event kinds (the last token of wisp.events.{kind}).
-EVENT_REQUEST = "request"
-EVENT_ROUND = "round"
-EVENT_BATCH = "batch"
+# Event kinds (the last token of wisp.events.{kind}) are the type tags of the event structs
+# in common.protocol ("request", "round", "verdict", "batch", "error").
 
 # Queue groups: members of one group share the subject's messages (one member gets each).
 EDGE_QUEUE = "wisp-edge-drafters"
@@ -150,7 +145,7 @@ def session_tokens_key(sid: str) -> str:
 
 
 def estimator_key(model: str, hardware: str) -> str:
-    """Hash: a, b_compute, b_read, c, R², MAE, fitted_at (DESIGN.md §6)."""
+    """Hash: a, b_compute, b_read, c, R², MAE, fitted_at (docs/architecture.md)."""
     return f"wisp:estimator:{check_name(model, 'model')}:{check_name(hardware, 'hardware')}"
 
 

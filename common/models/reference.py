@@ -1,5 +1,5 @@
 """Target-only greedy decoding with plain `transformers`: the reference that every mode's
-greedy output must equal token for token (DESIGN.md §3). Independent of wisp's runners."""
+greedy output must equal token for token (docs/architecture.md, "Invariants"). Independent of wisp's runners."""
 
 from __future__ import annotations
 

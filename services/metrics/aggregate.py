@@ -1,4 +1,4 @@
-"""Aggregation of ``wisp.events.*`` into the metrics of DESIGN.md §7 (no NATS, no HTTP).
+"""Aggregation of ``wisp.events.*`` into the metrics of docs/architecture.md (no NATS, no HTTP).
 
 :class:`MetricsAggregator` keeps Prometheus metrics in its own ``CollectorRegistry`` (counters
 and histograms for scraping) and the raw samples that ``summary()`` needs for exact
@@ -22,7 +22,7 @@ decode (bad msgpack, an unknown type tag, a missing, unknown or ill-typed field)
 observed: the service counts it with :meth:`MetricsAggregator.count_malformed`, and nothing
 else changes.
 
-Definitions (DESIGN.md §7):
+Definitions (docs/architecture.md, "Metrics"):
 
 * a request **meets its SLO** when TTFT ≤ its TTFT SLO and TPOT ≤ its TPOT SLO — always
   recomputed here from the timings; a request whose ``slo`` is None has no SLO; a request that
