@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by device)")
     gen.add_argument("--allow-download", action="store_true",
                      help="allow fetching models from a hub (off by default)")
-    from services.launcher import add_up_arguments  # no torch at import
+    from services.stack.launcher import add_up_arguments  # no torch at import
 
     up = sub.add_parser("up", help="run NATS, Redis and every service on this machine")
     add_up_arguments(up)
@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stack_nats_url(args) -> str:
-    from services.launcher import find_stack
+    from services.stack.launcher import find_stack
 
     if args.nats_url:
         return args.nats_url
@@ -151,7 +151,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from services.launcher import start_stack, stop_stack
+    from services.stack.launcher import start_stack, stop_stack
 
     stack = start_stack(args)
     metrics = next(s for s in stack.services if s.name == "metrics")

@@ -25,7 +25,6 @@ import nats
 import torch
 
 from common import protocol as wire
-from common.embedded import EmbeddedInfra
 from common.logs import configure_logging
 from common.models.loading import load_pair
 from common.models.runner_factory import make_runner
@@ -36,7 +35,8 @@ from common.subjects import SESSION_OPEN, VERIFY_SUBMIT
 from services.edge_drafter.core import DrafterCore
 from services.edge_drafter.policies import FixedK
 from services.gpu_verifier.core import SessionSpec, VerifierCore, VerifyItem
-from services.launcher import stack_options, start_stack, stop_stack
+from services.stack.embedded import EmbeddedInfra
+from services.stack.launcher import stack_options, start_stack, stop_stack
 
 CONTEXT = 128  # prompt tokens of the benchmark session
 

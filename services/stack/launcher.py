@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.embedded import EmbeddedInfra, find_free_port
+from services.stack.embedded import EmbeddedInfra, find_free_port
 
 READY_TIMEOUT_S = 180.0  # loading models on a slow CPU takes a while
 
