@@ -4,7 +4,8 @@ Starts a real nats-server (JetStream) and a real redis-server on free ports unle
 running ones are given, then each service as its own process (logs in <state-dir>/logs),
 waits until every one answers /readyz, writes <state-dir>/stack.json so `wisp generate` can
 find the stack, optionally runs a demo generation per mode, and on Ctrl-C/SIGTERM stops the
-services (SIGTERM: they drain) and then the servers.
+services (SIGTERM: they drain) and then the servers. Every child dies with the launcher's
+process, however that ends (`children.spawn`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.stack import children
 from services.stack.embedded import EmbeddedInfra, find_free_port
 
 READY_TIMEOUT_S = 180.0  # loading models on a slow CPU takes a while
@@ -47,6 +49,7 @@ class Stack:
     infra: EmbeddedInfra | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    ready: bool = False  # every service answered /readyz and stack.json is written
 
     @property
     def stack_file(self) -> Path:
@@ -66,13 +69,32 @@ class Stack:
         if svc.proc and svc.proc.poll() is None:
             self.kill(name, signal.SIGTERM)
         _spawn(svc, self.env)
+        if self.ready:
+            self.write_stack_file()  # it lists every pid the stack started
         if wait:
             wait_ready(self, only=[svc])
 
     def describe(self) -> dict:
+        """stack.json: where the stack is, and every process it started (a pid with its
+        /proc start time names one process even after the pid is reused)."""
+        def proc(pid: int | None) -> dict:
+            return {"pid": pid, "start_time": children.process_start_time(pid) if pid else None}
+
+        servers = {}
+        if self.infra is not None:
+            servers = {"nats-server": {**proc(self.infra.nats.pid), "url": self.infra.nats_url},
+                       "redis-server": {**proc(self.infra.redis.pid),
+                                        "url": self.infra.redis_url}}
         return {"nats_url": self.nats_url, "redis_url": self.redis_url, "pid": os.getpid(),
-                "services": {s.name: {"pid": s.proc.pid if s.proc else None, "http": s.url}
+                "servers": servers,
+                "services": {s.name: {**proc(s.proc.pid if s.proc else None), "http": s.url}
                              for s in self.services}}
+
+    def write_stack_file(self) -> None:
+        # Atomically: `wisp generate` (or a test) may read it at any moment.
+        tmp = self.stack_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.describe(), indent=2))
+        tmp.replace(self.stack_file)
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +173,8 @@ def start_stack(args) -> Stack:
         infra.start()
         nats_url = nats_url or infra.nats_url
         redis_url = redis_url or infra.redis_url
-        _say(f"embedded nats-server at {infra.nats_url}, redis-server at {infra.redis_url}")
+        _say(f"embedded nats-server at {infra.nats_url} (pid {infra.nats.pid}), "
+             f"redis-server at {infra.redis_url} (pid {infra.redis.pid})")
     env = dict(os.environ, WISP_NATS_URL=nats_url, WISP_REDIS_URL=redis_url,
                **getattr(args, "extra_env", {}))
     stack = Stack(state_dir, nats_url, redis_url, infra, env=env)
@@ -162,18 +185,20 @@ def start_stack(args) -> Stack:
             stack.services.append(svc)
         wait_ready(stack)
         wait_verifiers_known(stack)
+        stack.write_stack_file()
+        stack.ready = True
     except BaseException:
         stop_stack(stack)
         raise
-    stack.stack_file.write_text(json.dumps(stack.describe(), indent=2))
     return stack
 
 
 def _spawn(svc: ServiceProcess, env: dict) -> None:
     with open(svc.log_path, "ab") as log_file:  # the child keeps its own descriptor
-        svc.proc = subprocess.Popen(
+        svc.proc = children.spawn(
             [sys.executable, "-m", svc.module, *svc.args, "--http-port", str(svc.http_port)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
     _say(f"started {svc.name} (pid {svc.proc.pid}, log {svc.log_path})")
 
 
@@ -230,14 +255,10 @@ def _http_ok(url: str) -> bool:
 def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
     # Clients first (edges), then the scheduler, verifiers, metrics: each drains in turn.
     for svc in reversed(stack.services):
-        if svc.proc and svc.proc.poll() is None:
-            svc.proc.send_signal(signal.SIGTERM)
-            try:
-                svc.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                _say(f"{svc.name} did not stop in {timeout_s:.0f}s; killing it")
-                svc.proc.kill()
-                svc.proc.wait()
+        if svc.proc is None or svc.proc.poll() is not None:
+            continue
+        if children.stop(svc.proc, timeout_s):
+            _say(f"{svc.name} did not stop in {timeout_s:.0f}s; killed it")
     if stack.infra is not None:
         stack.infra.stop()
     stack.stack_file.unlink(missing_ok=True)
