@@ -1,16 +1,18 @@
 """`wisp up`: the whole stack on one machine, no Docker.
 
-Starts a real nats-server (JetStream) and a real redis-server on free ports unless URLs of
-running ones are given, then each service as its own process (logs in <state-dir>/logs),
-waits until every one answers /readyz, writes <state-dir>/stack.json so `wisp generate` can
-find the stack, optionally runs a demo generation per mode, and on Ctrl-C/SIGTERM stops the
-services (SIGTERM: they drain) and then the servers. Every child dies with the launcher's
-process, however that ends (`children.spawn`).
+Takes <state-dir>/stack.lock (one stack per state directory), starts a real nats-server
+(JetStream) and a real redis-server on free ports unless URLs of running ones are given, then
+each service as its own process (logs in <state-dir>/logs), waits until every one answers
+/readyz, writes <state-dir>/stack.json so `wisp generate` can find the stack, optionally runs
+a demo generation per mode, and on Ctrl-C/SIGTERM stops the services (SIGTERM: they drain)
+and then the servers. Every child dies with the launcher's process, however it ends
+(`children.spawn`).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -41,6 +43,46 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
 
+class StackAlreadyRunning(RuntimeError):
+    """Another stack holds the state directory's lock."""
+
+
+class StateDirLock:
+    """An exclusive `flock` on <state-dir>/stack.lock, held for a stack's whole life.
+
+    The kernel drops it when the holder's process dies, however it dies, so a lock left by a
+    crashed stack never blocks the next one. The file holds the holder's pid (for the error
+    message only); it is never deleted, because deleting a lock file lets two processes lock
+    two different files of the same name."""
+
+    FILE = "stack.lock"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / self.FILE
+        # Opened without truncating, so a refused contender does not touch the holder's pid;
+        # close-on-exec (Python's default), so no child inherits the lock and outlives us.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StackAlreadyRunning(
+                f"another `wisp up` (pid {holder}) is already running with state dir "
+                f"{state_dir}; stop it, or pass --state-dir DIR to run a second stack") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+
 @dataclass
 class Stack:
     state_dir: Path
@@ -49,6 +91,7 @@ class Stack:
     infra: EmbeddedInfra | None = None
     services: list[ServiceProcess] = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    lock: StateDirLock | None = None
     ready: bool = False  # every service answered /readyz and stack.json is written
 
     @property
@@ -164,33 +207,48 @@ def _port_or_free(preferred: int) -> int:
 
 
 def start_stack(args) -> Stack:
-    state_dir = Path(args.state_dir).resolve()
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    infra = None
-    nats_url, redis_url = args.nats_url, args.redis_url
-    if not nats_url or not redis_url:
-        infra = EmbeddedInfra(state_dir / "servers")
-        infra.start()
-        nats_url = nats_url or infra.nats_url
-        redis_url = redis_url or infra.redis_url
-        _say(f"embedded nats-server at {infra.nats_url} (pid {infra.nats.pid}), "
-             f"redis-server at {infra.redis_url} (pid {infra.redis.pid})")
-    env = dict(os.environ, WISP_NATS_URL=nats_url, WISP_REDIS_URL=redis_url,
-               **getattr(args, "extra_env", {}))
-    stack = Stack(state_dir, nats_url, redis_url, infra, env=env)
+    """Start the stack `args` describes (`open_stack`, then `launch_stack`); on any failure,
+    or an interrupt, stop what was started and re-raise."""
+    stack = open_stack(args)
     try:
-        for svc in plan_services(args):
-            svc.log_path = state_dir / "logs" / f"{svc.name}.log"
-            _spawn(svc, env)
-            stack.services.append(svc)
-        wait_ready(stack)
-        wait_verifiers_known(stack)
-        stack.write_stack_file()
-        stack.ready = True
+        launch_stack(stack, args)
     except BaseException:
         stop_stack(stack)
         raise
     return stack
+
+
+def open_stack(args) -> Stack:
+    """Claim the state directory (its lock) for a stack; no process starts yet. Raises
+    StackAlreadyRunning, without touching anything, if another stack holds it."""
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return Stack(state_dir, args.nats_url, args.redis_url, lock=StateDirLock(state_dir))
+
+
+def launch_stack(stack: Stack, args) -> None:
+    """Start the servers (unless given) and the services, wait until all are ready, write
+    stack.json. Leaves what it started running on failure: the caller stops the stack."""
+    # Whatever stack.json is left belongs to a stack that died without stopping.
+    stack.stack_file.unlink(missing_ok=True)
+    (stack.state_dir / "logs").mkdir(exist_ok=True)
+    if not stack.nats_url or not stack.redis_url:
+        stack.infra = EmbeddedInfra(stack.state_dir / "servers")
+        stack.infra.start()
+        stack.nats_url = stack.nats_url or stack.infra.nats_url
+        stack.redis_url = stack.redis_url or stack.infra.redis_url
+        _say(f"embedded nats-server at {stack.infra.nats_url} (pid {stack.infra.nats.pid}), "
+             f"redis-server at {stack.infra.redis_url} (pid {stack.infra.redis.pid})")
+    stack.env = dict(os.environ, WISP_NATS_URL=stack.nats_url, WISP_REDIS_URL=stack.redis_url,
+                     **getattr(args, "extra_env", {}))
+    for svc in plan_services(args):
+        svc.log_path = stack.state_dir / "logs" / f"{svc.name}.log"
+        _spawn(svc, stack.env)
+        stack.services.append(svc)
+    wait_ready(stack)
+    wait_verifiers_known(stack)
+    stack.write_stack_file()
+    stack.ready = True
 
 
 def _spawn(svc: ServiceProcess, env: dict) -> None:
@@ -253,6 +311,8 @@ def _http_ok(url: str) -> bool:
 
 
 def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
+    """Stop every service, then the embedded servers, reaping each; then drop stack.json and
+    the state directory's lock."""
     # Clients first (edges), then the scheduler, verifiers, metrics: each drains in turn.
     for svc in reversed(stack.services):
         if svc.proc is None or svc.proc.poll() is not None:
@@ -262,6 +322,8 @@ def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
     if stack.infra is not None:
         stack.infra.stop()
     stack.stack_file.unlink(missing_ok=True)
+    if stack.lock is not None:
+        stack.lock.release()
     _say("stack stopped")
 
 
