@@ -6,12 +6,13 @@ each service as its own process (logs in <state-dir>/logs), waits until every on
 /readyz, writes <state-dir>/stack.json so `wisp generate` can find the stack, optionally runs
 a demo generation per mode, and on Ctrl-C/SIGTERM stops the services (SIGTERM: they drain)
 and then the servers. Every child dies with the launcher's process, however it ends
-(`children.spawn`).
+(`children.spawn`); a second Ctrl-C/SIGTERM while stopping kills what is left (`StopSignals`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -20,13 +21,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from services.stack import children
 from services.stack.embedded import EmbeddedInfra, find_free_port
 
 READY_TIMEOUT_S = 180.0  # loading models on a slow CPU takes a while
+STOP_SERVERS_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -83,6 +87,58 @@ class StateDirLock:
             self._fd = None
 
 
+class StopSignals:
+    """SIGINT and SIGTERM for a process that owns a stack (`wisp up`).
+
+    The first signal raises KeyboardInterrupt in the main thread, but only inside
+    `interruptible()` (while the stack starts, runs its demo or serves). Once stopping has
+    begun, signals never raise into the cleanup: a further one only makes the stop fast
+    (`hurry`): `stop_stack` then SIGKILLs what is still running instead of waiting for it to
+    drain, and still reaps every child and stops the servers."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._may_raise = False
+
+    def install(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.received:  # one came while nothing could be interrupted
+            raise KeyboardInterrupt
+        self._may_raise = True
+        try:
+            yield
+        finally:
+            self._may_raise = False
+
+    def stopping(self) -> None:
+        """From now on no signal raises."""
+        self._may_raise = False
+
+    def hurry(self) -> bool:
+        return len(self.received) > 1
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self._may_raise:
+            self._may_raise = False
+            raise KeyboardInterrupt
+        if len(self.received) == 2:
+            # os.write, not print: the main thread may be inside a print to stderr, and a
+            # buffered stream raises on such a reentrant call.
+            text = f"[wisp up] {signal.Signals(signum).name} again: killing what is left\n"
+            with contextlib.suppress(OSError):
+                os.write(sys.stderr.fileno(), text.encode())
+
+
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class Stack:
     state_dir: Path
@@ -92,6 +148,7 @@ class Stack:
     services: list[ServiceProcess] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     lock: StateDirLock | None = None
+    signals: StopSignals | None = None
     ready: bool = False  # every service answered /readyz and stack.json is written
 
     @property
@@ -206,10 +263,10 @@ def _port_or_free(preferred: int) -> int:
             return find_free_port()
 
 
-def start_stack(args) -> Stack:
+def start_stack(args, signals: StopSignals | None = None) -> Stack:
     """Start the stack `args` describes (`open_stack`, then `launch_stack`); on any failure,
     or an interrupt, stop what was started and re-raise."""
-    stack = open_stack(args)
+    stack = open_stack(args, signals)
     try:
         launch_stack(stack, args)
     except BaseException:
@@ -218,12 +275,14 @@ def start_stack(args) -> Stack:
     return stack
 
 
-def open_stack(args) -> Stack:
+def open_stack(args, signals: StopSignals | None = None) -> Stack:
     """Claim the state directory (its lock) for a stack; no process starts yet. Raises
-    StackAlreadyRunning, without touching anything, if another stack holds it."""
+    StackAlreadyRunning, without touching anything, if another stack holds it. With
+    `signals` (`wisp up`'s), a second signal makes the stop fast; without, a stop drains."""
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    return Stack(state_dir, args.nats_url, args.redis_url, lock=StateDirLock(state_dir))
+    return Stack(state_dir, args.nats_url, args.redis_url, lock=StateDirLock(state_dir),
+                 signals=signals)
 
 
 def launch_stack(stack: Stack, args) -> None:
@@ -312,19 +371,33 @@ def _http_ok(url: str) -> bool:
 
 def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
     """Stop every service, then the embedded servers, reaping each; then drop stack.json and
-    the state directory's lock."""
+    the state directory's lock. Never raises on a signal (see `StopSignals`); a second one
+    turns the remaining waits into SIGKILLs."""
+    hurry = _never
+    if stack.signals is not None:
+        stack.signals.stopping()
+        hurry = stack.signals.hurry
+        if not hurry():
+            _say("stopping the stack (Ctrl-C again to kill what is still running)")
+    killed = []
     # Clients first (edges), then the scheduler, verifiers, metrics: each drains in turn.
     for svc in reversed(stack.services):
         if svc.proc is None or svc.proc.poll() is not None:
             continue
-        if children.stop(svc.proc, timeout_s):
-            _say(f"{svc.name} did not stop in {timeout_s:.0f}s; killed it")
+        if children.stop(svc.proc, timeout_s, hurry):
+            killed.append(svc.name)
+            if not hurry():
+                _say(f"{svc.name} did not stop in {timeout_s:.0f}s; killed it")
     if stack.infra is not None:
-        stack.infra.stop()
+        stack.infra.stop(STOP_SERVERS_TIMEOUT_S, hurry)
     stack.stack_file.unlink(missing_ok=True)
     if stack.lock is not None:
         stack.lock.release()
-    _say("stack stopped")
+    if hurry():
+        _say("stack stopped fast: " + (f"killed {', '.join(killed)}; " if killed else "")
+             + "no process left")
+    else:
+        _say("stack stopped")
 
 
 def find_stack(state_dir: str) -> dict | None:
