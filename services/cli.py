@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 import sys
 
 from common.errors import WispError
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 (default by device)")
     gen.add_argument("--allow-download", action="store_true",
                      help="allow fetching models from a hub (off by default)")
-    from services.launcher import add_up_arguments  # no torch at import
+    from services.stack.launcher import add_up_arguments  # no torch at import
 
     up = sub.add_parser("up", help="run NATS, Redis and every service on this machine")
     add_up_arguments(up)
@@ -95,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _stack_nats_url(args) -> str:
-    from services.launcher import find_stack
+    from services.stack.launcher import find_stack
 
     if args.nats_url:
         return args.nats_url
@@ -107,8 +109,6 @@ def _stack_nats_url(args) -> str:
 
 
 def cmd_generate_remote(args: argparse.Namespace) -> int:
-    import asyncio
-
     out = asyncio.run(_remote_generate(
         _stack_nats_url(args), args.prompt, args.mode, args.max_new_tokens, args.timeout,
         stream=not args.json, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -148,12 +148,34 @@ async def _remote_generate(nats_url: str, prompt: str, mode: str, max_new_tokens
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
+    from services.stack.launcher import StopSignals, launch_stack, open_stack, stop_stack
 
-    from services.launcher import start_stack, stop_stack
+    # From here on SIGINT/SIGTERM never kill `wisp up` outright: the first one interrupts
+    # starting or serving, then every child is stopped and reaped; another one only makes
+    # that stop fast (see StopSignals). Should `wisp up` die anyway, its children get
+    # SIGTERM from the kernel (services/stack/children.py).
+    signals = StopSignals().install()
+    stack = open_stack(args, signals)  # one stack per state dir; nothing runs yet
+    code, interrupted_start = 0, None
+    try:
+        with signals.interruptible():
+            launch_stack(stack, args)
+            code = _serve(stack, args)
+    except KeyboardInterrupt:
+        # While serving, the documented way to stop (exit 0); while starting, a failure.
+        if not stack.ready:
+            interrupted_start = signal.Signals(
+                signals.received[0] if signals.received else signal.SIGINT)
+            code = 128 + interrupted_start
+    finally:
+        stop_stack(stack)
+    if interrupted_start is not None:
+        print(f"wisp: interrupted by {interrupted_start.name} while starting",
+              file=sys.stderr)
+    return code
 
-    stack = start_stack(args)
+
+def _serve(stack, args: argparse.Namespace) -> int:
     metrics = next(s for s in stack.services if s.name == "metrics")
     print(f"""
 wisp is up.
@@ -164,31 +186,22 @@ wisp is up.
   logs        {stack.state_dir}/logs/
 Try:  wisp generate "def fibonacci(n):" --mode sled   (or centralized, colocated)
 """, file=sys.stderr, flush=True)
-    try:
-        if args.demo:
-            outputs = {}
-            for mode in ("sled", "centralized", "colocated"):
-                print(f"\n=== mode {mode}", file=sys.stderr, flush=True)
-                outputs[mode] = asyncio.run(_remote_generate(
-                    stack.nats_url, args.demo, mode, args.max_new_tokens, 120.0, stream=True))
-            same = len({tuple(o["token_ids"]) for o in outputs.values()}) == 1
-            print(f"\nall three modes produced {'the same' if same else 'DIFFERENT'} tokens "
-                  "(greedy: each must equal the target's own greedy output)", file=sys.stderr)
-            if not same:
-                return 1
-        if not args.exit_after_demo:
-            print("serving; Ctrl-C to stop", file=sys.stderr, flush=True)
-            signal.signal(signal.SIGTERM, _interrupt)
+    if args.demo:
+        outputs = {}
+        for mode in ("sled", "centralized", "colocated"):
+            print(f"\n=== mode {mode}", file=sys.stderr, flush=True)
+            outputs[mode] = asyncio.run(_remote_generate(
+                stack.nats_url, args.demo, mode, args.max_new_tokens, 120.0, stream=True))
+        same = len({tuple(o["token_ids"]) for o in outputs.values()}) == 1
+        print(f"\nall three modes produced {'the same' if same else 'DIFFERENT'} tokens "
+              "(greedy: each must equal the target's own greedy output)", file=sys.stderr)
+        if not same:
+            return 1
+    if not args.exit_after_demo:
+        print("serving; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while True:
             signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_stack(stack)
     return 0
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops `wisp up` the same way Ctrl-C does
 
 
 def _histogram(result) -> dict[int, int]:
@@ -211,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WispError, WispClientError, ValueError, RuntimeError) as exc:
         print(f"wisp: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside `wisp up`'s own handling: no traceback
+        print("wisp: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -25,7 +25,6 @@ import nats
 import torch
 
 from common import protocol as wire
-from common.embedded import EmbeddedInfra
 from common.engine.drafter import DrafterCore
 from common.engine.policies import FixedK
 from common.engine.verifier import VerifierCore
@@ -35,7 +34,8 @@ from common.models.runner_factory import make_runner
 from common.store import SessionRecord, SessionStore
 from common.subjects import SESSION_OPEN, VERIFY_SUBMIT
 from common.transport.service import connect_redis
-from services.launcher import stack_options, start_stack, stop_stack
+from services.stack.embedded import EmbeddedInfra
+from services.stack.launcher import stack_options, start_stack, stop_stack
 
 CONTEXT = 128  # prompt tokens of the benchmark session
 

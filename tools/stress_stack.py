@@ -18,11 +18,11 @@ import tempfile
 import time
 
 from common.client import Client
-from common.embedded import EmbeddedInfra
 from common.logs import configure_logging
 from common.models.loading import DEFAULT_TARGET, held_out_prompts, load_model
 from common.models.reference import hf_greedy
-from services.launcher import stack_options, start_stack, stop_stack
+from services.stack.embedded import EmbeddedInfra
+from services.stack.launcher import stack_options, start_stack, stop_stack
 
 RUNS = [("sled", None), ("centralized", None), ("sled", "4g")]
 

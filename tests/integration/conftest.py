@@ -17,7 +17,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 
-from common.embedded import EmbeddedInfra
+from services.stack.embedded import EmbeddedInfra
 
 _INTEGRATION_DIR = Path(__file__).resolve().parent
 

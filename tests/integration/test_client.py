@@ -251,7 +251,7 @@ def test_tracker_skips_known_and_splits_partial_overlap() -> None:
 
 
 async def test_unreachable_nats_fails_fast_instead_of_hanging():
-    from common.embedded import find_free_port
+    from services.stack.embedded import find_free_port
 
     start = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="cannot connect"):

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from common.embedded import (
+from services.stack.embedded import (
     EmbeddedInfra,
     EmbeddedNats,
     EmbeddedRedis,

@@ -22,7 +22,7 @@ from common.errors import ErrorCode
 from common.models.reference import hf_greedy
 from common.store import SessionStore
 from common.subjects import GENERATE_EDGE, SESSION_OPEN, VERIFY_SUBMIT
-from services.launcher import stack_options, start_stack, stop_stack
+from services.stack.launcher import stack_options, start_stack, stop_stack
 from tests.shipped import held_out_prompts, shipped_pair
 
 pytestmark = pytest.mark.slow

@@ -9,27 +9,29 @@ Every server listens on loopback only, on a port chosen here (never the default
 state and logs in one directory. Lifetimes are explicit: call `stop()` (or use
 the object as a context manager); there is no `__del__`, because finalizer order
 at interpreter exit is undefined and a half-torn-down interpreter is a bad place
-to signal processes from.
+to signal processes from. If this process dies without stopping them (SIGKILL),
+the servers get SIGTERM from the kernel (`children.spawn`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 from urllib.parse import quote
 
 import structlog
+
+from services.stack import children
 
 log = structlog.get_logger(__name__)
 
@@ -194,12 +196,14 @@ class _EmbeddedServer(ABC):
                 log.warning("embedded_server_retry", server=self.name, port=port, attempt=attempt)
         raise AssertionError("unreachable")
 
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after `timeout`). Idempotent."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S,
+             hurry: Callable[[], bool] | None = None) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after `timeout`, or as soon as
+        `hurry()` is true; at once if `timeout` is 0). Idempotent."""
         proc = self._proc
         if proc is not None:
             pid = proc.pid
-            self._terminate(proc, timeout)
+            children.stop(proc, timeout, hurry)
             log.info(
                 "embedded_server_stopped",
                 server=self.name,
@@ -259,14 +263,14 @@ class _EmbeddedServer(ABC):
         # the server's own log file is opened.
         # Truncated per attempt so a failure report shows only this attempt.
         self._stdio = open(self._stdio_path(directory), "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(
+        # Own session (a Ctrl-C in the parent's terminal must not kill the servers
+        # before the parent shuts its services down), and SIGTERM when the parent dies.
+        self._proc = children.spawn(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=self._stdio,
             stderr=subprocess.STDOUT,
             cwd=directory,
-            # Own session/process group: a Ctrl-C in the parent's terminal must
-            # not kill the servers before the parent shuts its services down.
             start_new_session=True,
         )
         self._port = port
@@ -304,22 +308,9 @@ class _EmbeddedServer(ABC):
 
     def _kill_process(self) -> None:
         if self._proc is not None:
-            self._terminate(self._proc, timeout=1.0)
+            children.stop(self._proc, timeout_s=1.0)
         self._proc = None
         self._close_stdio()
-
-    @staticmethod
-    def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
 
     def _close_stdio(self) -> None:
         if self._stdio is not None:
@@ -509,13 +500,14 @@ class EmbeddedInfra:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S,
+             hurry: Callable[[], bool] | None = None) -> None:
         # Reverse start order; each stop is idempotent and one failing must not
         # leave the other running.
         try:
-            self.redis.stop()
+            self.redis.stop(timeout, hurry)
         finally:
-            self.nats.stop()
+            self.nats.stop(timeout, hurry)
 
     def __enter__(self) -> Self:
         return self.start()
