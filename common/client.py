@@ -18,8 +18,9 @@ modes ``centralized`` and ``colocated``) with that inbox as reply subject, and r
   responders" status message; the client raises :class:`ServiceUnavailable` at once.
 * **Slow start**: no first message within ``timeout_s`` → :class:`RequestTimeout`.
 * **Stall**: once the first chunk has told the session id, a silence of ``stall_timeout_s``
-  means the edge-drafter went away; the client re-sends the request with ``resume_sid`` on a
-  new inbox (up to ``max_resumes`` times). The new stream restarts at output index 0 and the
+  means the edge-drafter went away (a live one sends an empty chunk every few seconds while a
+  round waits, e.g. for a restarting scheduler); the client re-sends the request with
+  ``resume_sid`` on a new inbox (up to ``max_resumes`` times). The new stream restarts at output index 0 and the
   client yields only the tokens it has not yielded yet, so every token is seen exactly once.
 * Errors: an ``ErrorReply`` or a ``GenerateDone`` with ``error`` raise :class:`ServerError`.
 

@@ -158,6 +158,9 @@ class GenerationServer:
     unavailable_timeout_s: float = 30.0  # wait this long for a restarting scheduler
     max_prompt_bytes: int = wire.MAX_PROMPT_BYTES
     emulation: Emulation | None = None  # device emulation (the edge-drafter's profiles)
+    # While a round waits (for a busy or restarting scheduler), an empty chunk this often tells
+    # the client the stream is alive, so it resumes elsewhere only when this process is gone.
+    keepalive_s: float = 5.0
     elsewhere: Mapping[str, str] = field(default_factory=dict)  # mode -> subject serving it
 
     async def serve(self, request: wire.GenerateRequest, reply_to: str) -> None:
@@ -173,16 +176,23 @@ class GenerationServer:
     # -- streaming ------------------------------------------------------------------------------
     async def _stream(self, s: EdgeSession, core: SessionCore, reply_to: str) -> None:
         detok = Detokenizer(self.tokenizer)
-        sent = 0
+        loop = asyncio.get_running_loop()
+        sent, last_sent_at = 0, loop.time()
         error: WispError | None = None
 
         async def send_new(session: EdgeSession) -> None:
-            nonlocal sent
+            nonlocal sent, last_sent_at
             out = session.output
             text = detok.push(out, final=session.finished)
             await self._publish(reply_to, wire.encode(wire.TokenChunk(
                 sid=session.sid, index=sent, token_ids=out[sent:], text=text)))
-            sent = len(out)
+            sent, last_sent_at = len(out), loop.time()
+
+        async def keepalive() -> None:
+            while True:
+                await asyncio.sleep(max(0.0, last_sent_at + self.keepalive_s - loop.time()))
+                if loop.time() - last_sent_at >= self.keepalive_s:
+                    await send_new(s)  # nothing new: an empty chunk at the current index
 
         async def on_round(event: wire.RoundEvent) -> None:
             await publish_event(self.nc, event)
@@ -192,7 +202,11 @@ class GenerationServer:
             # the session elsewhere should this process die from here on. A resumed session's
             # stream restarts at output index 0 with everything committed so far.
             await send_new(s)
-            await core.run(s, on_tokens=send_new, on_round=on_round)
+            alive = asyncio.create_task(keepalive(), name=f"keepalive-{s.sid}")
+            try:
+                await core.run(s, on_tokens=send_new, on_round=on_round)
+            finally:
+                alive.cancel()
         except WispError as err:
             log.warning("generation_failed", code=str(err.code), reason=err.message)
             error = err

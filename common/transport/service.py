@@ -99,10 +99,12 @@ async def run_service(service: Service, config: BaseConfig,
             loop.add_signal_handler(sig, stop_event.set)
     structlog.contextvars.bind_contextvars(service=service.name)
     async with AsyncExitStack() as stack:
-        service.nc = await connect_nats(config.nats_url, service.name)
-        stack.push_async_callback(_close_nats, service.nc)
+        # Callbacks run last-in first-out: NATS is drained (handlers still running finish)
+        # before Redis, which they may use, is closed.
         service.redis = connect_redis(config.redis_url)
         stack.push_async_callback(service.redis.aclose)
+        service.nc = await connect_nats(config.nats_url, service.name)
+        stack.push_async_callback(_close_nats, service.nc)
         await service.redis.ping()
         runner, port = await start_http(service, config.http_host, config.http_port)
         stack.push_async_callback(runner.cleanup)

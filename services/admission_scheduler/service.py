@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
+import redis.exceptions
 import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -189,10 +191,10 @@ class SchedulerService(Service):
         queued and in flight. The caller bounds the whole (drain_timeout_s)."""
         self._stopping = True
         try:
-            await self._unsubscribe("open", "generate")
+            await self._drain("open", "generate")
             if self._generations:
                 await asyncio.gather(*self._generations, return_exceptions=True)
-            await self._unsubscribe("submit")
+            await self._drain("submit")
             while self.registry.has_pending_work():
                 await asyncio.sleep(0.05)
         finally:
@@ -227,21 +229,37 @@ class SchedulerService(Service):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
 
+    async def _drain(self, *keys: str) -> None:
+        """Stop taking messages on these subscriptions and wait until the handlers of those
+        already delivered have finished, while NATS and Redis are still up. (Unsubscribing
+        cancels the handler task, and a cancellation can be swallowed inside redis-py's
+        wait_for on Python 3.11, leaving handlers running past stop() into closed
+        connections.)"""
+        for key in keys:
+            sub = self._subs.pop(key, None)
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.drain()
+
     # -- handlers -----------------------------------------------------------------------------
     def _guard(self, what: str, handler: Handler) -> Handler:
         """Turn whatever `handler` raises into an error reply; never let it escape."""
 
-        async def run(msg: Msg) -> None:
+        async def run(msg: Msg | None) -> None:
+            reply = getattr(msg, "reply", None) or None
             try:
                 await handler(msg)
             except WispError as err:
                 sid = structlog.contextvars.get_contextvars().get("sid")
-                await self._reject(msg.reply or None, err, what, sid)
+                await self._reject(reply, err, what, sid)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the service
                 log.exception("handler_failed", handler=what)
                 sid = structlog.contextvars.get_contextvars().get("sid")
-                await self._reject(msg.reply or None, WispError(
-                    ErrorCode.INTERNAL, f"{what}: {type(exc).__name__}: {exc}"), what, sid)
+                # A lost connection is transient (the sender retries the same, idempotent
+                # round); anything else is a bug.
+                code = ErrorCode.UNAVAILABLE if _is_transient(exc) else ErrorCode.INTERNAL
+                await self._reject(reply, WispError(
+                    code, f"{what}: {type(exc).__name__}: {exc}"), what, sid)
             finally:
                 structlog.contextvars.unbind_contextvars("sid")
 
@@ -549,6 +567,13 @@ class SchedulerService(Service):
             device_id=SERVER_DEVICE_ID, drafter=loaded.drafter, policies=loaded.policies,
             default_k_max=cfg.default_k_max,
             elsewhere={m: GENERATE_EDGE for m in MODES if m not in SERVER_MODES})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A connection to Redis or NATS lost or timed out (retrying can succeed)."""
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+                      | nats.errors.ConnectionClosedError | nats.errors.TimeoutError
+                      | ConnectionError | TimeoutError)
 
 
 @dataclass(slots=True)

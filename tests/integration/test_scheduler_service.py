@@ -581,3 +581,31 @@ async def test_the_scheduler_wakes_when_its_policy_asks(
         waited_ms = (asyncio.get_running_loop().time() - started) * 1e3
         assert result.sid == sid and len(fake.batches) == 1
         assert 100.0 <= waited_ms < 2000.0, waited_ms
+
+
+async def test_a_waiting_round_keeps_the_clients_stream_alive(
+        nats_url: str, redis_url: str, nc: NatsClient, tmp_path: Path) -> None:
+    """While a round waits (here: a verifier holding its batch), the generation server sends
+    empty chunks, so a client's stall timeout fires only for a server that is gone."""
+    vocab = save_tiny_target(tmp_path)
+    async with (running_scheduler(nats_url, redis_url, target_model=str(tmp_path)) as service,
+                fake_verifiers(nc, service, ("v1", 10, True, limits(vocab=vocab))) as (fake,)):
+        service._server.keepalive_s = 0.1
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(SERVER_GENERATE, encode(GenerateRequest(
+            max_new_tokens=1, mode="centralized", prompt="w3 w4")), reply=inbox)
+        first = decode_reply((TokenChunk, GenerateDone), (await sub.next_msg(TIMEOUT_S)).data)
+        await until(lambda: len(fake.batches) == 1)
+        keepalives = [decode_reply((TokenChunk, GenerateDone),
+                                   (await sub.next_msg(TIMEOUT_S)).data) for _ in range(3)]
+        assert all(isinstance(k, TokenChunk) and k.token_ids == [] and k.index == 0
+                   for k in [first, *keepalives])
+        fake.finish_at = 3
+        await fake.finish(fake.batches[0])
+        async with asyncio.timeout(TIMEOUT_S):
+            while not isinstance(reply := decode_reply(
+                    (TokenChunk, GenerateDone), (await sub.next_msg(TIMEOUT_S)).data),
+                    GenerateDone):
+                pass
+        assert reply.num_tokens == 1 and reply.finish_reason == "length"
