@@ -143,7 +143,6 @@ class SchedulerService(Service):
     def __init__(self, config: SchedulerConfig):
         super().__init__()
         self.config = config
-        # Resolved at start from the target model when the config leaves it at 0.
         self.policy = make_policy(config.policy, config)
         self.registry = VerifierRegistry(config.heartbeat_timeout_s, config.batch_timeout_s,
                                          now_ms())
