@@ -178,15 +178,17 @@ class GenerationServer:
         detok = Detokenizer(self.tokenizer)
         loop = asyncio.get_running_loop()
         sent, last_sent_at = 0, loop.time()
+        sending = asyncio.Lock()  # the keepalive and the rounds send in turn, in index order
         error: WispError | None = None
 
         async def send_new(session: EdgeSession) -> None:
             nonlocal sent, last_sent_at
-            out = session.output
-            text = detok.push(out, final=session.finished)
-            await self._publish(reply_to, wire.encode(wire.TokenChunk(
-                sid=session.sid, index=sent, token_ids=out[sent:], text=text)))
-            sent, last_sent_at = len(out), loop.time()
+            async with sending:
+                out = session.output
+                text = detok.push(out, final=session.finished)
+                await self._publish(reply_to, wire.encode(wire.TokenChunk(
+                    sid=session.sid, index=sent, token_ids=out[sent:], text=text)))
+                sent, last_sent_at = len(out), loop.time()
 
         async def keepalive() -> None:
             while True:
