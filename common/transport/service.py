@@ -26,6 +26,8 @@ from common.subjects import event
 
 log = structlog.get_logger(__name__)
 
+NATS_CLOSE_TIMEOUT_S = 5.0
+
 
 class Service(ABC):
     name: str = "service"
@@ -130,6 +132,11 @@ async def publish_event(nc: NATS, ev: AnyEvent) -> None:
 
 
 async def _close_nats(nc: NATS) -> None:
-    # drain() flushes what we published (final replies) before closing.
+    # drain() flushes what we published (final replies) before closing. Bounded: with the
+    # server gone, the client reconnects forever and drain() would never return (a service
+    # whose `wisp up` was killed along with the servers must still exit).
     with contextlib.suppress(Exception):
-        await nc.drain()
+        await asyncio.wait_for(nc.drain(), NATS_CLOSE_TIMEOUT_S)
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            await nc.close()
