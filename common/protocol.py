@@ -132,7 +132,6 @@ FeatureRows = Annotated[list[Annotated[list[Finite], Meta(min_length=len(DRAFT_F
                         Meta(max_length=MAX_DRAFT_TOKENS)]  # [k][F]
 Mode = Literal["wisp", "sled", "ucb", "centralized", "colocated"]
 FinishReason = Literal["eos", "length", "error"]
-SessionState = Literal["active", "finished", "closed"]
 MODES: tuple[str, ...] = get_args(Mode)
 SERVER_MODES: tuple[str, ...] = ("centralized", "colocated")  # served on wisp.server.generate
 
