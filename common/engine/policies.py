@@ -127,9 +127,10 @@ class PolicyCatalog:
             self.get(spec)  # a bad default fails at start, not at the first session
 
     @classmethod
-    def standard(cls) -> PolicyCatalog:
-        """What every edge offers today: fixed[:k]; sled drafts k_max tokens a round."""
-        return cls({FixedK.name: FixedK.from_arg}, {"sled": "fixed", "colocated": "fixed"})
+    def standard(cls, modes: tuple[str, ...] = ("sled",)) -> PolicyCatalog:
+        """The policies every drafting process offers today (fixed[:k]), serving `modes` with
+        k_max tokens a round: an edge serves `sled`, the scheduler `colocated`."""
+        return cls({FixedK.name: FixedK.from_arg}, dict.fromkeys(modes, FixedK.name))
 
     @property
     def modes(self) -> tuple[str, ...]:

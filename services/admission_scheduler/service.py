@@ -617,5 +617,5 @@ def _load_server_models(cfg: SchedulerConfig) -> _ServerModels:
                                      f"{cfg.target_model!r} do not share a vocabulary")
         loaded.drafter = DraftBatcher(DrafterCore(make_runner(draft.model), draft.eos_token_id,
                                                   k_max=limits.k_max))
-        loaded.policies = PolicyCatalog.standard()
+        loaded.policies = PolicyCatalog.standard(("colocated",))
     return loaded

@@ -149,6 +149,11 @@ def test_policy_catalog_builds_once_per_spec_and_rejects_unknown():
     with pytest.raises(WispError) as err:
         catalog.for_session("wisp", None)  # no policy for this mode here yet
     assert err.value.code == ErrorCode.BAD_REQUEST
+    # An edge serves edge modes only; colocated drafting is the scheduler's catalog.
+    assert catalog.modes == ("sled",)
+    with pytest.raises(WispError):
+        catalog.for_session("colocated", None)
+    assert PolicyCatalog.standard(("colocated",)).for_session("colocated", None).k is None
 
 
 def test_round_limit_is_the_smallest_of_policy_session_and_core(model):
