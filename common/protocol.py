@@ -191,6 +191,11 @@ class SamplingParams(_Obj, frozen=True, kw_only=True):
         return self.temperature == 0
 
 
+def _at_most(part: int, whole: int, part_name: str, whole_name: str) -> None:
+    if part > whole:
+        raise ValueError(f"{part_name} ({part}) exceeds {whole_name} ({whole})")
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
 
@@ -242,8 +247,7 @@ class GenerateStats(_Obj, kw_only=True):
     accepted: Count = 0
 
     def __post_init__(self) -> None:
-        if self.accepted > self.drafted:
-            raise ValueError(f"accepted ({self.accepted}) exceeds drafted ({self.drafted})")
+        _at_most(self.accepted, self.drafted, "accepted", "drafted")
 
 
 class ErrorInfo(_Obj, kw_only=True):
@@ -398,9 +402,7 @@ class VerifyResult(_Message, kw_only=True):
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
-        if self.num_accepted > self.num_drafted:
-            raise ValueError(f"num_accepted ({self.num_accepted}) exceeds num_drafted "
-                             f"({self.num_drafted})")
+        _at_most(self.num_accepted, self.num_drafted, "num_accepted", "num_drafted")
 
 
 # -- admission-scheduler <-> gpu-verifier --------------------------------------------------------
@@ -451,9 +453,7 @@ class Heartbeat(_Message, kw_only=True):
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
-        if self.free_blocks > self.total_blocks:
-            raise ValueError(f"free_blocks ({self.free_blocks}) exceeds total_blocks "
-                             f"({self.total_blocks})")
+        _at_most(self.free_blocks, self.total_blocks, "free_blocks", "total_blocks")
 
 
 # -- events (wisp.events.{kind}) -----------------------------------------------------------------
@@ -490,8 +490,7 @@ class RoundEvent(_Event, tag="round", kw_only=True):
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
-        if self.accepted > self.drafted:
-            raise ValueError(f"accepted ({self.accepted}) exceeds drafted ({self.drafted})")
+        _at_most(self.accepted, self.drafted, "accepted", "drafted")
 
 
 class VerdictEvent(_Event, tag="verdict", kw_only=True):
@@ -508,9 +507,7 @@ class VerdictEvent(_Event, tag="verdict", kw_only=True):
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
-        if self.num_accepted > self.num_drafted:
-            raise ValueError(f"num_accepted ({self.num_accepted}) exceeds num_drafted "
-                             f"({self.num_drafted})")
+        _at_most(self.num_accepted, self.num_drafted, "num_accepted", "num_drafted")
         if self.draft_features is not None and len(self.draft_features) != self.num_drafted:
             raise ValueError(f"draft_features has {len(self.draft_features)} rows for "
                              f"{self.num_drafted} drafted tokens")

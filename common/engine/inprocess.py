@@ -160,16 +160,15 @@ class InProcessEngine:
     """`drafter=None` runs target-only autoregressive decoding (k = 0 every round)."""
 
     def __init__(self, verifier: VerifierCore, drafter: DrafterCore | None = None,
-                 k_max: int = 8, limits: ModelLimits | None = None):
+                 k_max: int = 8):
         self.verifier = verifier
         self.drafter = drafter
         self.k_max = k_max
         runner = verifier.runner
         # Both cores run here, on a pair whose vocabularies were compared when it was loaded.
         vocab = vocab_info(runner.vocab_size, eos_token_id=verifier.eos_token_id)
-        self.limits = limits or ModelLimits(vocab=vocab, k_max=k_max,
-                                            max_context=runner.max_positions,
-                                            max_prompt_tokens=runner.max_positions // 2)
+        self.limits = ModelLimits(vocab=vocab, k_max=k_max, max_context=runner.max_positions,
+                                  max_prompt_tokens=runner.max_positions // 2)
         self._default_policy = FixedK()
         self._ids = itertools.count()
 
