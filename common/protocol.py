@@ -101,8 +101,11 @@ MAX_ERROR_MESSAGE_CHARS = 2000  # error replies are cut to this
 PROB_SUM_TOL = 1e-3
 # Columns of a drafted token's feature row (VerifyRequest.draft_features), in this order: what
 # the edge's draft-length policy saw, carried to the verifier's verdict events so that the
-# rejection predictor learns from live traffic (common.engine.features computes them).
-DRAFT_FEATURES = ("confidence", "entropy", "margin", "std", "position")
+# rejection predictor learns from live traffic (common.engine.features computes them): four of
+# the draft distribution at this token, its position in the draft, the product of the draft's
+# confidences so far (this token included) and the session's acceptance rate in its last round.
+DRAFT_FEATURES = ("confidence", "entropy", "margin", "std", "position", "cum_confidence",
+                  "prev_accept_rate")
 
 _FLOAT_MAX = 1e300  # |x| beyond this is treated as not finite (msgspec has no isfinite)
 
@@ -245,6 +248,7 @@ class GenerateStats(_Obj, kw_only=True):
     rounds: Count = 0
     drafted: Count = 0
     accepted: Count = 0
+    wasted_draft_ms: Ms = 0.0  # drafting time of the tokens the target rejected (WDT)
 
     def __post_init__(self) -> None:
         _at_most(self.accepted, self.drafted, "accepted", "drafted")
@@ -352,6 +356,12 @@ class VerifyRequest(_Message, kw_only=True):
     draft_sparse_ids: SparseIds | None = None  # [k][m], sampling only
     draft_sparse_probs: SparseProbs | None = None  # [k][m], sampling only
     draft_features: FeatureRows | None = None  # [k][F]
+    # Which policy drafted the round, and with which predictor; `censored`: a rule reading the
+    # features ended the round, so its (features, label) rows are no fair sample to learn from
+    # (the token it stopped at was never verified). Carried into the VerdictEvent.
+    policy: Name | None = None
+    predictor_version: Name | None = None
+    censored: bool = False
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
@@ -487,6 +497,9 @@ class RoundEvent(_Event, tag="round", kw_only=True):
     rtt_ms: Ms
     budget_ms: Finite
     batch_size: Count
+    dropped: Count = 0  # draft steps whose token the policy dropped to end the round (0 or 1)
+    policy: Name | None = None  # the draft-length policy's spec (None: the session drafts not)
+    predictor_version: Name | None = None  # the rejection predictor the round's policy used
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
@@ -504,6 +517,9 @@ class VerdictEvent(_Event, tag="verdict", kw_only=True):
     num_drafted: Count
     num_accepted: Count
     draft_features: FeatureRows | None  # [k][F], None when the edge sent none
+    policy: Name | None = None  # as in the VerifyRequest
+    predictor_version: Name | None = None
+    censored: bool = False  # a feature-reading rule cut the round: not a training sample
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
@@ -534,9 +550,13 @@ AnyEvent = RequestEvent | RoundEvent | VerdictEvent | BatchEvent | ErrorEvent
 
 
 class PredictorUpdated(_Message, kw_only=True):
-    version: Count
+    """A rejection predictor accepted by the predictor service, in the object store."""
+
+    version: Count  # the announcement's sequence number: higher is newer
     object_name: Annotated[str, Meta(min_length=1, max_length=256)]
-    sha256: Sha256
+    sha256: Sha256  # of the ONNX bytes stored under object_name
+    model_version: Name | None = None  # the model's own version (its ONNX metadata)
+    threshold: Prob | None = None  # its operating threshold
 
 
 class ErrorReply(_Message, kw_only=True):

@@ -69,6 +69,7 @@ VERIFY_SUBMIT = "wisp.verify.submit"  # edge -> admission-scheduler (queue group
 VERIFIER_HEARTBEAT = "wisp.verifier.heartbeat"  # verifier -> scheduler
 EVENTS_ALL = "wisp.events.>"  # metrics and predictor subscribe to every event kind
 PREDICTOR_UPDATED = "wisp.predictor.updated"  # predictor -> edge-drafters
+PREDICTOR_BUCKET = "wisp-predictor"  # JetStream object store of accepted predictor models
 
 # Event kinds (the last token of wisp.events.{kind}) are the type tags of the event structs
 # in common.protocol ("request", "round", "verdict", "batch", "error").

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.engine.features import NUM_FEATURES, draft_features
+from common.engine.features import DRAFT_FEATURES, NUM_FEATURES, draft_features
 from common.engine.policies import DraftPolicy, DraftStep, PolicySession, RoundFeedback
 from common.errors import ErrorCode, WispError
 from common.models.runner import ForwardItem, KVCacheFull, ModelRunner, uncached_tail
@@ -39,10 +39,20 @@ class Draft:
     sparse_ids: list[list[int]] | None = None  # [k][m], sampling only
     sparse_probs: list[list[float]] | None = None  # [k][m], sampling only
     token_times_s: list[float] = field(default_factory=list)  # [k] drafting time per token
+    dropped: bool = False  # the policy ended the round by dropping a token it had drafted
+    stopped_time_s: float = 0.0  # that dropped token's draft step (spent, wasted)
+    policy: str | None = None  # spec of the policy that drafted it
+    predictor_version: str | None = None  # the rejection predictor that policy used, if any
+    censored: bool = False  # its length was cut by a rule reading the features
 
     @property
     def draft_time_s(self) -> float:
-        return sum(self.token_times_s)
+        return sum(self.token_times_s) + self.stopped_time_s
+
+    def wasted_time_s(self, num_accepted: int) -> float:
+        """Drafting time that committed nothing: the rejected tokens' and the dropped step's
+        (wasted drafting time, WDT)."""
+        return sum(self.token_times_s[num_accepted:]) + self.stopped_time_s
 
 
 @dataclass(slots=True)
@@ -53,6 +63,7 @@ class _Session:
     policy: DraftPolicy
     generator: torch.Generator
     last_draft: Draft | None = None
+    prev_accept_rate: float = 1.0  # accepted / drafted of its last round that drafted
 
     @property
     def remaining(self) -> int:
@@ -97,7 +108,10 @@ class DrafterCore:
             start = time.perf_counter()
             logits = self._forward(pending, drafts)  # [B, V]
             positions = torch.full((len(pending),), position, dtype=torch.int64)  # [B]
-            features = draft_features(logits, positions)  # [B, F]
+            cum_before = torch.tensor([_cum_confidence(drafts[sid]) for sid in pending])  # [B]
+            prev_accept = torch.tensor([self.sessions[sid].prev_accept_rate
+                                        for sid in pending])  # [B]
+            features = draft_features(logits, positions, cum_before, prev_accept)  # [B, F]
             tokens, sparse = self._choose(pending, logits)
             keep = self._keep(pending, positions, features)  # [B] bool
             elapsed = time.perf_counter() - start
@@ -105,7 +119,9 @@ class DrafterCore:
             next_pending: list[str] = []
             for row, sid in enumerate(pending):
                 if not keep[row]:
-                    continue  # dropped token; its KV was never computed
+                    drafts[sid].dropped = True  # its KV was never computed
+                    drafts[sid].stopped_time_s = elapsed
+                    continue
                 draft, token = drafts[sid], tokens[row]
                 draft.token_ids.append(token)
                 draft.features.append(rows[row])
@@ -118,7 +134,11 @@ class DrafterCore:
             pending = next_pending
             position += 1
         for sid, draft in drafts.items():
-            self.sessions[sid].last_draft = draft
+            session = self.sessions[sid]
+            session.last_draft = draft
+            draft.policy = session.policy.spec
+            draft.predictor_version = session.policy.version_for(sid)
+            draft.censored = session.policy.censors(sid)
         return drafts
 
     def apply(self, sid: str, num_accepted: int, new_tokens: list[int],
@@ -139,6 +159,8 @@ class DrafterCore:
         # committed token (new_tokens may have been cut short at EOS or max_new_tokens).
         self._keep_kv(sid, min(base + num_accepted, len(session.committed) - 1))
         session.last_draft = None
+        if draft.token_ids:
+            session.prev_accept_rate = num_accepted / len(draft.token_ids)
         session.policy.observe(RoundFeedback(
             sid=sid, num_drafted=len(draft.token_ids), num_accepted=num_accepted,
             features=torch.tensor(draft.features, dtype=torch.float32).reshape(
@@ -233,3 +255,11 @@ class DrafterCore:
             tokens[row] = int(sample_sparse(ids, probs, session.generator)[0])
             sparse[row] = (ids[0].tolist(), probs[0].tolist())
         return tokens, sparse
+
+
+_CUM_CONFIDENCE = DRAFT_FEATURES.index("cum_confidence")
+
+
+def _cum_confidence(draft: Draft) -> float:
+    """Product of the confidences of the tokens drafted so far this round (1 before any)."""
+    return draft.features[-1][_CUM_CONFIDENCE] if draft.features else 1.0

@@ -146,7 +146,9 @@ class SessionCore:
             draft_sparse_probs=draft.sparse_probs if draft else None,
             draft_features=draft.features if draft else None,
             budget_ms=self.budget_ms(s, k, draft_ms), draft_ms=draft_ms,
-            device_id=s.spec.device_id)
+            device_id=s.spec.device_id, policy=draft.policy if draft else None,
+            predictor_version=draft.predictor_version if draft else None,
+            censored=draft.censored if draft else False)
         sent = self.clock()
         result = await self.verifier.submit(request)
         rtt_ms = (self.clock() - sent) * 1e3
@@ -161,12 +163,16 @@ class SessionCore:
         stats.rounds += 1
         stats.drafted += k
         stats.accepted += result.num_accepted
-        wasted_ms = sum(draft.token_times_s[result.num_accepted:]) * 1e3 if draft else 0.0
+        wasted_ms = draft.wasted_time_s(result.num_accepted) * 1e3 if draft else 0.0
+        stats.wasted_draft_ms += wasted_ms
         return RoundEvent(
             ts_ms=time.time() * 1e3, sid=s.sid, mode=s.spec.mode, round=request.round,
             drafted=k, accepted=result.num_accepted, committed=len(result.new_tokens),
             draft_ms=draft_ms, wasted_draft_ms=wasted_ms, rtt_ms=rtt_ms,
-            budget_ms=request.budget_ms, batch_size=result.batch_size)
+            budget_ms=request.budget_ms, batch_size=result.batch_size,
+            dropped=int(draft.dropped) if draft else 0,
+            policy=draft.policy if draft else None,
+            predictor_version=draft.predictor_version if draft else None)
 
     async def _apply(self, s: EdgeSession, result: VerifyResult, rtt_ms: float) -> None:
         try:

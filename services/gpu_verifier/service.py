@@ -362,7 +362,8 @@ class VerifierService(Service):
                     ts_ms=now_ms(), sid=request.sid, round=request.round,
                     device_id=request.device_id, greedy=outcome.greedy,
                     num_drafted=result.num_drafted, num_accepted=result.num_accepted,
-                    draft_features=request.draft_features))
+                    draft_features=request.draft_features, policy=request.policy,
+                    predictor_version=request.predictor_version, censored=request.censored))
 
     async def _commit(self, request, result, blob: bytes) -> bytes:
         """Commit a verified round to Redis; the payload to reply with (`blob`, or the stored

@@ -95,7 +95,7 @@ async def test_events_reach_metrics_and_summary(metrics: tuple[MetricsService, s
     await publish_event(nc, ROUND)
     await publish_event(nc, VerdictEvent(ts_ms=1.0, sid=SID, round=0, device_id="laptop",
                                          greedy=True, num_drafted=5, num_accepted=3,
-                                         draft_features=[[0.9, 0.3, 0.5, 0.1, float(i)]
+                                         draft_features=[[0.9, 0.3, 0.5, 0.1, float(i), 0.5, 1.0]
                                                          for i in range(5)]))
     await publish_event(nc, BatchEvent(ts_ms=1.0, verifier_id="v0", batch_id="b0", size=3,
                                        batch_ms=12.0, num_linear=9, num_interactions=300,

@@ -46,7 +46,24 @@ def test_batched_drafts_equal_each_session_drafted_alone(model):
     for sid, p in prompts.items():
         assert drafts[sid].token_ids == greedy_continuation(model, p, 5)
         assert drafts[sid].base_len == len(p) and len(drafts[sid].features) == 5
-        assert [row[-1] for row in drafts[sid].features] == [0, 1, 2, 3, 4]  # position
+        pos = DRAFT_FEATURES.index("position")
+        assert [row[pos] for row in drafts[sid].features] == [0, 1, 2, 3, 4]
+
+
+def test_cumulative_confidence_and_last_rounds_acceptance_features(model):
+    d = make_drafter(model)
+    open_(d, "s", [7, 8, 9], 50, FixedK(4))
+    conf, cum, prev = (DRAFT_FEATURES.index(n) for n in
+                       ("confidence", "cum_confidence", "prev_accept_rate"))
+    rows = d.draft(["s"])["s"].features
+    running = 1.0
+    for row in rows:
+        running *= row[conf]
+        assert row[cum] == pytest.approx(running, rel=1e-5)
+        assert row[prev] == 1.0  # no verdict yet
+    draft = d.last_draft("s") if hasattr(d, "last_draft") else d.sessions["s"].last_draft
+    d.apply("s", 1, draft.token_ids[:1] + [(draft.token_ids[1] + 1) % 97])
+    assert all(row[prev] == 0.25 for row in d.draft(["s"])["s"].features)  # 1 of 4 accepted
 
 
 def test_verdict_rolls_back_and_next_round_continues_from_committed(model):

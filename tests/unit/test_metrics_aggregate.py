@@ -35,7 +35,7 @@ from services.metrics.aggregate import (
 from services.metrics.service import MetricsConfig, MetricsService, render_dashboard
 
 SID = "s" * 8
-FEATURES = [[0.9, 0.3, 0.5, 0.1, 0.0]]  # one drafted token's DRAFT_FEATURES row
+FEATURES = [[0.9, 0.3, 0.5, 0.1, 0.0, 0.9, 1.0]]  # one drafted token's DRAFT_FEATURES row
 
 
 # -- event factories ----------------------------------------------------------------------------

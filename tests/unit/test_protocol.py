@@ -25,8 +25,9 @@ def verify_request(**overrides) -> p.VerifyRequest:
                   draft_ms=6.0, device_id="jetson-orin.lab", draft_sparse_ids=[[5, 1], [9, 4],
                                                                               [2, 3]],
                   draft_sparse_probs=[[0.75, 0.25], [1.0, 0.0], [0.5, 0.5]],
-                  draft_features=[[0.9, 0.1, 0.5, 0.01, 0.0], [0.8, 0.2, 0.4, 0.01, 1.0],
-                                  [0.7, 0.3, 0.3, 0.01, 2.0]])
+                  draft_features=[[0.9, 0.1, 0.5, 0.01, 0.0, 0.9, 1.0],
+                                  [0.8, 0.2, 0.4, 0.01, 1.0, 0.72, 1.0],
+                                  [0.7, 0.3, 0.3, 0.01, 2.0, 0.5, 1.0]])
     fields.update(overrides)
     return p.VerifyRequest(**fields)
 
@@ -251,7 +252,7 @@ def test_wrong_types(field, value, needle):
      "at `$.draft_sparse_probs[0][1]`"),
     (dict(draft_sparse_probs=[[0.75, -0.0001], [1.0, 0.0], [0.5, 0.5]]),
      "Expected `float` >= 0.0 - at `$.draft_sparse_probs[0][1]`"),
-    (dict(draft_features=[[0.9, 0.1, 0.5, 0.01, math.inf]] * 3),
+    (dict(draft_features=[[0.9, 0.1, 0.5, 0.01, math.inf, 0.9, 1.0]] * 3),
      "at `$.draft_features[0][4]`"),
     (dict(sid="a.b"), "matching regex '^[A-Za-z0-9_-]{1,128}$' - at `$.sid`"),
     (dict(sid="*"), "at `$.sid`"),
@@ -297,7 +298,7 @@ def test_draft_and_sparse_sizes():
      "row 0: drafted token 5 is not in its sparse distribution with probability > 0"),
     (dict(draft_sparse_probs=[[0.75, 0.25], [0.0, 1.0], [0.5, 0.5]]),
      "row 1: drafted token 9 is not in its sparse distribution with probability > 0"),
-    (dict(draft_features=[[0.1] * 5] * 2), "draft_features has 2 rows; it needs one per"),
+    (dict(draft_features=[[0.1] * 7] * 2), "draft_features has 2 rows; it needs one per"),
 ])
 def test_sparse_draft_distributions_are_checked_once_here(changes, needle):
     bad(p.VerifyRequest, with_fields(verify_request(), **changes), needle)
