@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS_DIR = Path(os.environ.get("WISP_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_TARGET = str(DEFAULT_MODELS_DIR / "tiny-target")
 DEFAULT_DRAFT = str(DEFAULT_MODELS_DIR / "tiny-draft")
+# The rejection predictor trained for the shipped pair (`wisp predictor train`).
+DEFAULT_PREDICTOR = str(DEFAULT_MODELS_DIR / "predictor" / "predictor.onnx")
 
 
 class ModelLoadError(RuntimeError):

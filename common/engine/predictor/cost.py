@@ -1,0 +1,107 @@
+"""The offline cost of a stopping rule, replayed on fixed-length rounds (WISP, Theorem 1).
+
+A rule stops a round at its first token scored at or above the threshold: that token's draft
+step has run (its time is spent) but the token is dropped, and the round is sent with the
+tokens before it. Replaying this on rounds drafted to k_max gives, per round, the steps run,
+the tokens sent, the tokens accepted (min of sent and the round's accepted run) and the tokens
+committed (accepted + the target's own). Costs are renewal-reward ratios over all rounds:
+E[cost of a round] / E[tokens committed by a round], with a round costing
+steps x draft_step_ms + rtt_ms + verify_ms (`CostModel`).
+
+The approximation: the next round starts where this one would have, not where the replayed
+rule would have put it; rounds are i.i.d. draws in this model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from common.engine.predictor.pairs import PairSet
+
+__all__ = ["CostModel", "Replay", "classification", "replay"]
+
+
+@dataclass(slots=True, frozen=True)
+class CostModel:
+    """What a round costs the edge, in ms: each draft step, the round trip, the verify."""
+
+    draft_step_ms: float = 25.0
+    rtt_ms: float = 60.0
+    verify_ms: float = 20.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True, frozen=True)
+class Replay:
+    """Per-round means of a stopping rule replayed on a pair set's rounds."""
+
+    rounds: int
+    steps: float  # draft steps run per round (the dropped token's step included)
+    drafted: float  # tokens sent per round
+    accepted: float  # accepted per round
+    committed: float  # accepted + 1 per round
+    wasted_steps: float  # steps whose token was not accepted, per round
+    cost_ms: float  # per round, under the cost model
+
+    def per_committed(self, cost: CostModel) -> dict[str, float]:
+        c = self.committed or 1.0
+        return {
+            "wasted_tokens": self.wasted_steps / c,
+            "wdt_ms": self.wasted_steps * cost.draft_step_ms / c,
+            "draft_ms": self.steps * cost.draft_step_ms / c,
+            "rounds": 1.0 / c,
+            "cost_ms": self.cost_ms / c,
+        }
+
+    def as_dict(self, cost: CostModel) -> dict:
+        out = {k: round(float(v), 4) for k, v in asdict(self).items()}
+        out["per_committed"] = {k: round(v, 4) for k, v in self.per_committed(cost).items()}
+        return out
+
+
+def replay(pairs: PairSet, scores: np.ndarray, threshold: float, cost: CostModel) -> Replay:
+    """scores [N] (probability of rejection per row) -> the rule "stop at the first row with
+    score >= threshold" replayed on every round of `pairs`."""
+    starts = pairs.round_starts()  # [R + 1]
+    rounds = len(starts) - 1
+    if rounds == 0:
+        return Replay(0, 0.0, 0.0, 0.0, 1.0, 0.0, cost.rtt_ms + cost.verify_ms)
+    stop = scores >= threshold  # [N]
+    steps = np.empty(rounds)
+    drafted = np.empty(rounds)
+    accepted = np.empty(rounds)
+    for r in range(rounds):
+        lo, hi = starts[r], starts[r + 1]
+        hit = np.flatnonzero(stop[lo:hi])
+        k = hi - lo
+        sent = int(hit[0]) if len(hit) else k
+        steps[r] = sent + 1 if len(hit) else k
+        drafted[r] = sent
+        accepted[r] = min(sent, int(pairs.accepted[lo:hi].sum()))
+    committed = accepted + 1
+    round_cost = steps * cost.draft_step_ms + cost.rtt_ms + cost.verify_ms
+    return Replay(rounds, steps.mean(), drafted.mean(), accepted.mean(), committed.mean(),
+                  (steps - accepted).mean(), round_cost.mean())
+
+
+def classification(labels_accepted: np.ndarray, scores: np.ndarray,
+                   threshold: float) -> dict[str, float]:
+    """Rejection as the positive class: precision and recall of "predicted rejected" (score >=
+    threshold), and the false-alarm rate (accepted tokens predicted rejected / accepted tokens,
+    the rate Theorem 1 ties to wasted drafting)."""
+    predicted = scores >= threshold
+    rejected = ~labels_accepted
+    tp = int((predicted & rejected).sum())
+    fp = int((predicted & labels_accepted).sum())
+    fn = int((~predicted & rejected).sum())
+    n_acc = int(labels_accepted.sum())
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "false_alarm": fp / n_acc if n_acc else 0.0,
+        "accuracy": float((predicted == rejected).mean()) if len(scores) else 0.0,
+    }
