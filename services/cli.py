@@ -3,6 +3,7 @@
     wisp up [--demo PROMPT]           run the whole stack here (embedded NATS + Redis by default)
     wisp generate "PROMPT"            generate through a running stack (the SDK over NATS)
     wisp generate --local "PROMPT"    draft + verify in this process, no services
+    wisp predictor collect|train      the rejection predictor's data and model (WISP)
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text")
     _add_generation_flags(gen)
     gen.add_argument("--mode", default="sled",
-                     choices=["sled", "centralized", "colocated"],
-                     help="serving mode through the stack (default sled)")
+                     help="serving mode: sled, wisp, ucb (edge), centralized, colocated "
+                          "(server); with --local it picks the default policy (default sled)")
     gen.add_argument("--nats-url", default=None,
                      help="NATS of a running stack (default: the one `wisp up` started)")
     gen.add_argument("--state-dir", default=".wisp", help="where `wisp up` keeps its state")
@@ -46,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true",
                      help="run draft and target in this process (no services needed)")
     gen.add_argument("--policy", default=None,
-                     help="draft-length policy, e.g. 'fixed' or 'fixed:4' (default fixed:k_max)")
+                     help="draft-length policy: fixed[:k], predictor[:threshold], "
+                          "confidence:τ, ucb[:args] (default: the mode's)")
+    gen.add_argument("--predictor", default=None,
+                     help="with --local: rejection predictor ONNX file (default: shipped)")
     gen.add_argument("--target-only", action="store_true",
                      help="no draft: the target decodes autoregressively")
     gen.add_argument("--draft", default=None, help="draft model folder or hub id")
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
     up.add_argument("--exit-after-demo", action="store_true",
                     help="stop the stack after the demo instead of serving until Ctrl-C")
+    from services.cli_predictor import add_predictor_parser
+
+    add_predictor_parser(sub)
     return parser
 
 
@@ -71,20 +78,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.local:
         return cmd_generate_remote(args)
     from common.engine.inprocess import GenerationRequest, build_local_stack
-    from common.engine.policies import PolicyCatalog
     from common.protocol import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    policy = None if args.target_only else PolicyCatalog.standard().get(args.policy or "fixed")
+    target_only = args.target_only or args.mode == "centralized"
+    policy = slot = None
+    if not target_only:
+        policy, slot = _local_policy(args.mode, args.policy, args.predictor)
     stack = build_local_stack(args.draft, args.target, args.device, args.dtype, args.k_max,
-                              target_only=args.target_only, allow_download=args.allow_download)
+                              target_only=target_only, allow_download=args.allow_download)
     prompt_ids = stack.tokenizer.encode(args.prompt, add_special_tokens=False)
     result = stack.engine.generate(GenerationRequest(
         prompt_ids, args.max_new_tokens, params, args.seed, policy))
     text = stack.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    stats = result.stats() | {"mode": "target-only" if args.target_only else "speculative",
-                              "k_max": args.k_max, "prompt_tokens": len(prompt_ids),
-                              "tokens_per_round_hist": _histogram(result)}
+    stats = result.stats() | {
+        "mode": "target-only" if target_only else args.mode,
+        "policy": policy.spec if policy else None, "k_max": args.k_max,
+        "prompt_tokens": len(prompt_ids), "tokens_per_round_hist": _histogram(result)}
+    if slot is not None and slot.current is not None:
+        stats["predictor_version"] = slot.current.version
+        stats["predictor_latency_us"] = {k: round(v, 2) for k, v in
+                                         slot.current.latency.summary().items()}
     if args.json:
         print(json.dumps({"text": text, "token_ids": result.token_ids, "stats": stats}))
     else:
@@ -94,6 +108,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"--- committed tokens per round: {stats['tokens_per_round_hist']}",
               file=sys.stderr)
     return 0
+
+
+def _local_policy(mode: str, spec: str | None, predictor: str | None):
+    """The policy a --local generation of `mode` drafts with, and the predictor slot behind
+    it (None when the policy needs none); an unserved mode or bad spec is a ValueError."""
+    from common.engine.policies import PolicyCatalog
+    from common.engine.predictor.runtime import PredictorSlot
+    from common.models.loading import DEFAULT_PREDICTOR
+
+    slot = PredictorSlot()
+    wants_model = (spec or "").startswith("predictor") or (spec is None and mode == "wisp")
+    if wants_model:
+        # A model that cannot serve is a warning, and the policy drafts k_max (fixed k), as
+        # an edge-drafter does: the output is the same, only the drafting differs.
+        slot.install_file(predictor or DEFAULT_PREDICTOR)
+    catalog = PolicyCatalog.standard(("sled", "wisp", "ucb", "colocated"), predictor=slot)
+    try:
+        policy = catalog.for_session(mode, spec)
+    except WispError as err:
+        raise ValueError(err.message) from None
+    return policy, (slot if wants_model else None)
 
 
 def _stack_nats_url(args) -> str:
@@ -138,7 +173,8 @@ async def _remote_generate(nats_url: str, prompt: str, mode: str, max_new_tokens
     t, s = done.timings, done.stats
     stats = {"mode": mode, "sid": done.sid, "num_tokens": done.num_tokens,
              "finish_reason": done.finish_reason, "rounds": s.rounds, "drafted": s.drafted,
-             "accepted": s.accepted,
+             "accepted": s.accepted, "wasted": s.drafted - s.accepted,
+             "wasted_draft_ms": round(s.wasted_draft_ms, 3),
              "acceptance_rate": round(s.accepted / s.drafted, 4) if s.drafted else None,
              "ttft_ms": round(t.ttft_ms, 2), "tpot_ms": round(t.tpot_ms, 2),
              "e2e_ms": round(t.e2e_ms, 2)}
@@ -221,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "predictor":
+            from services.cli_predictor import cmd_predictor
+
+            return cmd_predictor(args)
     except (WispError, WispClientError, ValueError, RuntimeError) as exc:
         print(f"wisp: error: {exc}", file=sys.stderr)
         return 1

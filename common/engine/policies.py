@@ -14,22 +14,34 @@ built once from its own arguments, and the default spec of each mode it serves.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+import structlog
 import torch
 
 from common.errors import ErrorCode, WispError
+from common.protocol import DRAFT_FEATURES
+
+if TYPE_CHECKING:
+    from common.engine.predictor.runtime import OnnxPredictor, PredictorSlot
 
 __all__ = [
+    "ConfidenceStop",
     "DraftPolicy",
     "DraftStep",
     "FixedK",
     "PolicyCatalog",
     "PolicySession",
+    "PredictorStop",
     "RoundFeedback",
 ]
+
+log = structlog.get_logger(__name__)
+
+_CONFIDENCE = DRAFT_FEATURES.index("confidence")
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,6 +81,7 @@ class DraftPolicy:
 
     def __init__(self) -> None:
         self.sessions: dict[str, PolicySession] = {}
+        self.spec = self.name  # how it was asked for ("fixed:4"); the catalog sets it
 
     def open(self, session: PolicySession) -> None:
         self.sessions[session.sid] = session
@@ -87,6 +100,15 @@ class DraftPolicy:
 
     def observe(self, feedback: RoundFeedback) -> None:
         """The verdict of a round this policy drafted."""
+
+    def version_for(self, sid: str) -> str | None:
+        """The model version behind this session's current round (None: no model)."""
+        return None
+
+    def censors(self, sid: str) -> bool:
+        """Whether a rule reading the draft features may have ended this session's current
+        round (then its verdict is no fair training sample for the rejection predictor)."""
+        return False
 
 
 class FixedK(DraftPolicy):
@@ -112,6 +134,98 @@ class FixedK(DraftPolicy):
         return limits if self.k is None else [min(self.k, n) for n in limits]
 
 
+def _probability(arg: str, what: str) -> float:
+    try:
+        value = float(arg)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} needs a threshold in (0, 1], got {arg!r}")
+    return value
+
+
+class ConfidenceStop(DraftPolicy):
+    """Stop at the first token whose draft confidence (top-1 probability) is below τ."""
+
+    name = "confidence"
+
+    def __init__(self, tau: float):
+        super().__init__()
+        self.tau = tau
+
+    @classmethod
+    def from_arg(cls, arg: str) -> ConfidenceStop:
+        return cls(_probability(arg, "confidence:τ"))
+
+    def keep(self, step: DraftStep) -> torch.Tensor:
+        return step.features[:, _CONFIDENCE] >= self.tau
+
+    def censors(self, sid: str) -> bool:
+        return True
+
+
+class PredictorStop(DraftPolicy):
+    """WISP: stop at the first token the rejection predictor scores at or above the threshold
+    (the model's own operating threshold unless one is given).
+
+    The model comes from a `PredictorSlot` that a service may swap at any time; each session
+    takes the slot's model when its round starts (`round_limits`) and keeps it for the round,
+    so a swap lands between rounds. With no model in the slot it drafts k_max (fixed k).
+
+    `explore`: the share of rounds drafted to k_max without the model (a seeded draw). Their
+    verdicts label every token, including those the model would have stopped at, so the
+    predictor service can keep learning from uncensored live data."""
+
+    name = "predictor"
+
+    def __init__(self, slot: PredictorSlot, threshold: float | None = None,
+                 explore: float = 0.0, seed: int = 0):
+        super().__init__()
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"explore must be in [0, 1], got {explore}")
+        self.slot = slot
+        self.threshold = threshold
+        self.explore = explore
+        self._rng = random.Random(seed)
+        self._round_model: dict[str, OnnxPredictor | None] = {}  # sid -> model of its round
+        self._warned_missing = False
+
+    def close(self, sid: str) -> None:
+        super().close(sid)
+        self._round_model.pop(sid, None)
+
+    def round_limits(self, sids: list[str]) -> list[int]:
+        model = self.slot.current
+        if model is None and not self._warned_missing:
+            log.warning("predictor_missing", fallback="fixed k_max")
+            self._warned_missing = True
+        for sid in sids:
+            exploring = self.explore and self._rng.random() < self.explore
+            self._round_model[sid] = None if exploring else model
+        return super().round_limits(sids)
+
+    def keep(self, step: DraftStep) -> torch.Tensor:
+        keep = torch.ones(len(step.sids), dtype=torch.bool)
+        groups: dict[int, tuple[OnnxPredictor, list[int]]] = {}
+        for row, sid in enumerate(step.sids):
+            model = self._round_model.get(sid)
+            if model is not None:
+                groups.setdefault(id(model), (model, []))[1].append(row)
+        features = step.features.numpy()  # [B, F]
+        for model, rows in groups.values():
+            p_reject = model.predict(features[rows])  # [b]
+            threshold = self.threshold if self.threshold is not None else model.threshold
+            keep[rows] = torch.from_numpy(p_reject < threshold)
+        return keep
+
+    def version_for(self, sid: str) -> str | None:
+        model = self._round_model.get(sid)
+        return model.version if model is not None else None
+
+    def censors(self, sid: str) -> bool:
+        return self._round_model.get(sid) is not None
+
+
 PolicyBuilder = Callable[[str], DraftPolicy]  # the text after "name:" -> a policy
 
 
@@ -127,10 +241,34 @@ class PolicyCatalog:
             self.get(spec)  # a bad default fails at start, not at the first session
 
     @classmethod
-    def standard(cls, modes: tuple[str, ...] = ("sled",)) -> PolicyCatalog:
-        """The policies every drafting process offers today (fixed[:k]), serving `modes` with
-        k_max tokens a round: an edge serves `sled`, the scheduler `colocated`."""
-        return cls({FixedK.name: FixedK.from_arg}, dict.fromkeys(modes, FixedK.name))
+    def standard(cls, modes: tuple[str, ...] = ("sled",),
+                 predictor: PredictorSlot | None = None,
+                 explore: float = 0.0) -> PolicyCatalog:
+        """The policies a drafting process offers: fixed[:k], confidence:τ, ucb[:args] and,
+        given a predictor slot, predictor[:threshold]. Each mode in `modes` is served by its
+        default: sled, colocated -> fixed (k_max a round); ucb -> ucb; wisp -> predictor
+        (only with a slot), exploring `explore` of its rounds (`PredictorStop`)."""
+        from common.engine.ucb import UcbSpecStop
+
+        builders: dict[str, PolicyBuilder] = {
+            FixedK.name: FixedK.from_arg,
+            ConfidenceStop.name: ConfidenceStop.from_arg,
+            UcbSpecStop.name: UcbSpecStop.from_arg,
+        }
+        if predictor is not None:
+            def build_predictor(arg: str) -> PredictorStop:
+                return PredictorStop(
+                    predictor, _probability(arg, "predictor[:threshold]") if arg else None,
+                    explore=explore)
+
+            builders[PredictorStop.name] = build_predictor
+        defaults = {"sled": FixedK.name, "colocated": FixedK.name, "ucb": UcbSpecStop.name,
+                    "wisp": PredictorStop.name}
+        unknown = [m for m in modes if m not in defaults]
+        if unknown:
+            raise ValueError(f"no draft policy for modes {unknown}")
+        return cls(builders, {m: defaults[m] for m in modes
+                              if defaults[m] in builders})
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -145,6 +283,7 @@ class PolicyCatalog:
                 raise ValueError(f"unknown draft policy {spec!r}; available: "
                                  + ", ".join(f"'{n}'" for n in sorted(self._builders)))
             policy = self._built[spec] = builder(arg)
+            policy.spec = spec
         return policy
 
     def for_session(self, mode: str, spec: str | None) -> DraftPolicy:

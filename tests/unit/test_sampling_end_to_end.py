@@ -80,3 +80,26 @@ def test_tokens_outside_top_k_never_appear(sampled):
     support = joint_probs(target, PARAMS) > 0
     assert all(counts[a, b] == 0 for a, b in itertools.product(range(V), range(V))
                if not support[a, b])
+
+
+def test_a_policy_that_stops_on_draft_confidence_keeps_the_targets_distribution():
+    """Stopping on the draft's own confidence (what WISP's predictor reads) decides how many
+    tokens go to verification, never which: the output distribution stays the target's."""
+    from common.engine.policies import ConfidenceStop
+
+    torch.manual_seed(1)
+    target, draft = peaky(3), peaky(4)
+    engine = InProcessEngine(
+        VerifierCore(PagedRunner(target, num_blocks=4 * N, block_size=4), None),
+        DrafterCore(PagedRunner(draft, num_blocks=4 * N, block_size=4), None, k_max=2), k_max=2)
+    # The draft's confidence is 0.223 after PROMPT and 0.19-0.29 after it, depending on the
+    # sampled first token: at 0.22 the first round drafts 1 or 2 tokens by that token.
+    policy = ConfidenceStop(0.22)
+    results = engine.generate_many([GenerationRequest(PROMPT, 3, PARAMS, seed=N + i,
+                                                      policy=policy) for i in range(N)])
+    counts = torch.zeros(V, V)
+    for r in results:
+        counts[r.token_ids[0], r.token_ids[1]] += 1
+    first_drafts = {r.rounds[0].drafted for r in results}
+    assert first_drafts == {1, 2}, first_drafts  # the policy really varied the length
+    assert chi2_pvalue(counts, joint_probs(target, PARAMS)) > 1e-3
