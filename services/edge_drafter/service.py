@@ -3,7 +3,10 @@ devices in tests and loadgen), drafts with the draft model, and streams tokens t
 
 Transport and wiring only: the round loop is `common.engine.session.SessionCore`, served over
 NATS by `common.transport.generation.GenerationServer`; drafting is the drafter core behind a
-`DraftBatcher`; draft-length policies come from a `PolicyCatalog`.
+`DraftBatcher`; draft-length policies come from a `PolicyCatalog`. Mode wisp's rejection
+predictor sits in a `PredictorSlot`: the ONNX file of `--predictor` at start, then the newest
+model the predictor service stored and each one it announces (`PredictorFollower`); a model
+that cannot serve is refused with a warning and the last good one (or fixed k) stays.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from common.config import BaseConfig
 from common.engine.draft_batcher import DraftBatcher
 from common.engine.drafter import DrafterCore
 from common.engine.policies import PolicyCatalog
+from common.engine.predictor.runtime import PredictorSlot
 from common.errors import WispError
 from common.limits import max_prompt_bytes
-from common.models.loading import DEFAULT_DRAFT, LoadedModel, load_model
+from common.models.loading import DEFAULT_DRAFT, DEFAULT_PREDICTOR, LoadedModel, load_model
 from common.models.runner_factory import make_runner
 from common.protocol import ModelLimits
 from common.store import SessionStore
 from common.subjects import EDGE_QUEUE, GENERATE_EDGE, SERVER_GENERATE, to_name
 from common.transport.generation import GenerationServer
+from common.transport.predictor_store import PredictorFollower
 from common.transport.service import Service
 from services.edge_drafter.device_profile import emulate, get_profile
 
@@ -44,11 +49,18 @@ class EdgeConfig(BaseConfig):
     device_profile: str = ""  # emulate a device (services/edge_drafter/device_profile.py)
     verify_timeout_s: float = 10.0
     verify_retries: int = 3
+    predictor: str = DEFAULT_PREDICTOR  # rejection predictor (ONNX) for mode wisp; "": none
+    follow_predictor: bool = True  # install the predictor service's newer models as they come
+    # Share of wisp rounds drafted to k_max without the predictor: uncensored live labels for
+    # the predictor service to learn from (the cost: that share of rounds at fixed k).
+    predictor_explore: float = 0.05
 
     def __post_init__(self) -> None:
         if not 1 <= self.k_max <= wire.MAX_DRAFT_TOKENS:
             raise ValueError(f"k_max must be in [1, {wire.MAX_DRAFT_TOKENS}], got {self.k_max}")
         get_profile(self.device_profile)  # an unknown profile fails at start
+        if not 0.0 <= self.predictor_explore <= 1.0:
+            raise ValueError(f"predictor_explore must be in [0, 1], got {self.predictor_explore}")
 
 
 class EdgeDrafterService(Service):
@@ -61,6 +73,8 @@ class EdgeDrafterService(Service):
         self.server: GenerationServer | None = None
         self.tasks: set[asyncio.Task] = set()
         self._sub = None
+        self.predictor = PredictorSlot()
+        self.follower: PredictorFollower | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -69,7 +83,13 @@ class EdgeDrafterService(Service):
                                                  cfg.dtype or None)
         model = self.model
         runner = make_runner(model.model, kv_budget_bytes=cfg.kv_budget_mb << 20)
-        policies = PolicyCatalog.standard()
+        if cfg.predictor:  # a missing or refused file is the slot's warning: wisp drafts k_max
+            await asyncio.to_thread(self.predictor.install_file, cfg.predictor)
+        if cfg.follow_predictor:
+            self.follower = PredictorFollower(self.nc, self.predictor)
+            await self.follower.start()
+        policies = PolicyCatalog.standard(("sled", "wisp", "ucb"), predictor=self.predictor,
+                                          explore=cfg.predictor_explore)
         limits = ModelLimits(vocab=model.vocab_info, k_max=cfg.k_max,
                              max_context=model.max_positions,
                              max_prompt_tokens=model.max_positions // 2)
@@ -109,5 +129,7 @@ class EdgeDrafterService(Service):
             await self._sub.unsubscribe()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.follower is not None:
+            await self.follower.stop()
         if self.server is not None:
             self.server.drafter.shutdown()

@@ -234,7 +234,10 @@ def plan_services(args) -> list[ServiceProcess]:
     if args.device:
         models += ["--device", args.device]
     services = [ServiceProcess("metrics", "services.metrics", common,
-                               args.metrics_port or _port_or_free(9100))]
+                               args.metrics_port or _port_or_free(9100)),
+                # Listed right after metrics: it stops just before it (stop_stack goes in
+                # reverse), once the edges and verifiers whose events it learns from are gone.
+                ServiceProcess("predictor", "services.predictor", common, find_free_port())]
     for i in range(args.verifiers):
         services.append(ServiceProcess(
             f"gpu-verifier-{i}", "services.gpu_verifier",
@@ -380,7 +383,8 @@ def stop_stack(stack: Stack, timeout_s: float = 20.0) -> None:
         if not hurry():
             _say("stopping the stack (Ctrl-C again to kill what is still running)")
     killed = []
-    # Clients first (edges), then the scheduler, verifiers, metrics: each drains in turn.
+    # Clients first (edges), then the scheduler, verifiers, predictor, metrics: each drains
+    # in turn.
     for svc in reversed(stack.services):
         if svc.proc is None or svc.proc.poll() is not None:
             continue

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common import protocol as wire
 from common.client import Client, ServerError
@@ -59,7 +60,7 @@ async def generate_ids(client: Client, prompt_ids, mode: str, **kw) -> tuple[lis
     return ids, gen.done
 
 
-@pytest.mark.parametrize("mode", ["sled", "centralized", "colocated"])
+@pytest.mark.parametrize("mode", ["sled", "wisp", "ucb", "centralized", "colocated"])
 async def test_eight_concurrent_sessions_across_two_verifiers_are_exact(stack, cases, mode,
                                                                         redis_client):
     prompts, refs = cases
@@ -98,6 +99,65 @@ async def _first_tokens_then(client, prompts, action, mode="sled", **kw):
     await asyncio.to_thread(action)
     assert unfinished > 0, "every generation finished before the failure: nothing was tested"
     return await asyncio.gather(*tasks)
+
+
+def _predictor_variant(bias: float, version: str) -> bytes:
+    """The shipped predictor with its output bias moved by `bias` (large: stops at every
+    token), exported under another version."""
+    from common.engine.predictor.model import export_onnx
+    from common.engine.predictor.release import load_torch
+    from common.models.loading import DEFAULT_PREDICTOR
+
+    model = load_torch(Path(DEFAULT_PREDICTOR).with_name("predictor.pt"))
+    with torch.no_grad():
+        model.net[-1].bias += bias
+    return export_onnx(model, {"version": version, "threshold": 0.5})
+
+
+async def test_predictor_hot_swap_and_a_corrupt_model_mid_session_keep_output_exact(
+        stack, cases, nc):
+    """Mid-generation in mode wisp, the predictor service's store announces a new model
+    (one that stops at every token), then a corrupt one: the edges swap between rounds,
+    refuse the corrupt one with a warning, keep the last good, and every output stays the
+    target's greedy output."""
+    from common.subjects import PREDICTOR_BUCKET, event
+    from common.transport.predictor_store import publish_model
+
+    prompts, refs = cases
+    eager = await asyncio.to_thread(_predictor_variant, 30.0, "test-always-stop")
+    versions: dict[str, list[str | None]] = {}
+
+    async def on_round(msg):
+        ev = wire.decode(wire.RoundEvent, msg.data)
+        versions.setdefault(ev.sid, []).append(ev.predictor_version)
+
+    sub = await nc.subscribe(event("round"), cb=on_round)
+    loop = asyncio.get_running_loop()
+
+    def swap_then_corrupt():
+        asyncio.run_coroutine_threadsafe(
+            publish_model(nc, eager, "test-always-stop", 0.5), loop).result(30)
+        asyncio.run_coroutine_threadsafe(
+            publish_model(nc, b"\x08\x07 not an onnx model", "test-corrupt", 0.5),
+            loop).result(30)
+
+    try:
+        async with Client(stack.nats_url, timeout_s=120) as client:
+            outputs = await _first_tokens_then(client, prompts, swap_then_corrupt, mode="wisp")
+        assert outputs == refs
+        await asyncio.sleep(0.5)  # the last round events
+        seen = {v for vs in versions.values() for v in vs}
+        assert "test-always-stop" in seen, seen  # the swap landed mid-session
+        assert "test-corrupt" not in seen
+        # The swap is between rounds: once a session used the new model it never went back.
+        for vs in versions.values():
+            used = [v for v in vs if v is not None]  # None: an exploration round
+            if "test-always-stop" in used:
+                first = used.index("test-always-stop")
+                assert set(used[first:]) == {"test-always-stop"}, used
+    finally:
+        await sub.unsubscribe()
+        await nc.jetstream().delete_object_store(PREDICTOR_BUCKET)
 
 
 async def test_killing_a_verifier_mid_generation_keeps_output_exact(stack, cases):

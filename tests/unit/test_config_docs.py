@@ -10,12 +10,13 @@ from services.admission_scheduler.service import SchedulerConfig
 from services.edge_drafter.service import EdgeConfig
 from services.gpu_verifier.service import VerifierConfig
 from services.metrics.service import MetricsConfig
+from services.predictor.service import PredictorConfig
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
 
 
 @pytest.mark.parametrize("config", [BaseConfig, VerifierConfig, SchedulerConfig, EdgeConfig,
-                                    MetricsConfig])
+                                    MetricsConfig, PredictorConfig])
 def test_every_field_is_documented(config):
     for f in dataclasses.fields(config):
         flag, env = "--" + f.name.replace("_", "-"), "WISP_" + f.name.upper()

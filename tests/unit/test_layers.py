@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("admission_scheduler", "edge_drafter", "gpu_verifier", "metrics")
+SERVICES = ("admission_scheduler", "edge_drafter", "gpu_verifier", "metrics", "predictor")
 TRANSPORT_LIBS = ("nats", "redis", "aiohttp")
 
 
