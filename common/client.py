@@ -81,8 +81,9 @@ _NO_RESPONDERS = "503"
 
 
 # -- errors -----------------------------------------------------------------------------------
-# The mode served by every edge-drafter in this build; "wisp" needs the rejection predictor and
-# the SLO-aware scheduler, which are not part of it yet.
+# The baseline every edge-drafter serves. Modes "wisp" (rejection predictor) and "ucb" serve
+# too; "wisp" becomes the default once its SLO-aware scheduler is in (until then it verifies
+# with the scheduler's current batch policy, which would make it a partial WISP by default).
 DEFAULT_MODE = "sled"
 
 

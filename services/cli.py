@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run NATS, Redis and every service on this machine")
     add_up_arguments(up)
     up.add_argument("--demo", default=None, metavar="PROMPT",
-                    help="once ready, generate PROMPT in modes sled, centralized and colocated")
+                    help="once ready, generate PROMPT in every mode (wisp, ucb, sled, centralized, "
+                         "colocated)")
     up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
     up.add_argument("--exit-after-demo", action="store_true",
                     help="stop the stack after the demo instead of serving until Ctrl-C")
@@ -213,23 +214,25 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _serve(stack, args: argparse.Namespace) -> int:
     metrics = next(s for s in stack.services if s.name == "metrics")
+    predictor = next(s for s in stack.services if s.name == "predictor")
     print(f"""
 wisp is up.
   NATS        {stack.nats_url}
   Redis       {stack.redis_url}
   dashboard   {metrics.url}/
   metrics     {metrics.url}/metrics   summary {metrics.url}/summary
+  predictor   {predictor.url}/metrics   status {predictor.url}/status
   logs        {stack.state_dir}/logs/
-Try:  wisp generate "def fibonacci(n):" --mode sled   (or centralized, colocated)
+Try:  wisp generate "def fibonacci(n):" --mode wisp   (or ucb, sled, centralized, colocated)
 """, file=sys.stderr, flush=True)
     if args.demo:
         outputs = {}
-        for mode in ("sled", "centralized", "colocated"):
+        for mode in ("wisp", "ucb", "sled", "centralized", "colocated"):
             print(f"\n=== mode {mode}", file=sys.stderr, flush=True)
             outputs[mode] = asyncio.run(_remote_generate(
                 stack.nats_url, args.demo, mode, args.max_new_tokens, 120.0, stream=True))
         same = len({tuple(o["token_ids"]) for o in outputs.values()}) == 1
-        print(f"\nall three modes produced {'the same' if same else 'DIFFERENT'} tokens "
+        print(f"\nall {len(outputs)} modes produced {'the same' if same else 'DIFFERENT'} tokens "
               "(greedy: each must equal the target's own greedy output)", file=sys.stderr)
         if not same:
             return 1

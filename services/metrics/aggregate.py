@@ -154,6 +154,9 @@ class _ModeStats:
     drafted: int = 0
     accepted: int = 0
     wasted_draft_ms: float = 0.0
+    wasted_tokens: int = 0  # drafted - accepted + dropped (a policy's stop token ran too)
+    draft_ms: float = 0.0
+    committed: int = 0
     # From request events' stats (each request's totals).
     request_rounds: int = 0
     request_drafted: int = 0
@@ -192,6 +195,11 @@ class _ModeStats:
             "mean_acceptance_length": _round(_ratio(self.accepted, self.rounds), 4),
             "acceptance_rate": _round(_ratio(self.accepted, self.drafted), 4),
             "wasted_draft_s": _round(self.wasted_draft_ms / 1000.0, 6),
+            "wasted_tokens": self.wasted_tokens,
+            "draft_s": _round(self.draft_ms / 1000.0, 6),
+            "wasted_tokens_per_committed": _round(_ratio(self.wasted_tokens, self.committed), 4),
+            "wasted_draft_ms_per_committed": _round(_ratio(self.wasted_draft_ms,
+                                                           self.committed), 4),
             "per_request": {
                 "rounds": self.request_rounds,
                 "drafted": self.request_drafted,
@@ -272,6 +280,10 @@ class MetricsAggregator:
         self.wasted_draft = Counter("wisp_wasted_draft_seconds",
                                     "Edge time spent drafting tokens that were rejected (WDT)",
                                     ["mode"], registry=r)
+        self.wasted_tokens = Counter("wisp_wasted_draft_tokens",
+                                     "Draft steps whose token was not accepted (rejected, or "
+                                     "dropped by the policy to end its round)", ["mode"],
+                                     registry=r)
         self.verdict_draft_tokens = Counter("wisp_verdict_draft_tokens",
                                             "Draft tokens verified (the verifiers' view)",
                                             registry=r)
@@ -348,6 +360,11 @@ class MetricsAggregator:
         stats.drafted += ev.drafted
         stats.accepted += ev.accepted
         stats.wasted_draft_ms += ev.wasted_draft_ms
+        wasted = ev.drafted - ev.accepted + ev.dropped
+        stats.wasted_tokens += wasted
+        stats.draft_ms += ev.draft_ms
+        stats.committed += ev.committed
+        self.wasted_tokens.labels(mode).inc(wasted)
         self.draft_tokens.labels(mode).inc(ev.drafted)
         self.accepted_tokens.labels(mode).inc(ev.accepted)
         self.acceptance_length.labels(mode).observe(ev.accepted)
