@@ -248,7 +248,8 @@ class GenerateStats(_Obj, kw_only=True):
     rounds: Count = 0
     drafted: Count = 0
     accepted: Count = 0
-    wasted_draft_ms: Ms = 0.0  # drafting time of the tokens the target rejected (WDT)
+    dropped: Count = 0  # draft steps whose token the policy dropped to end a round
+    wasted_draft_ms: Ms = 0.0  # drafting time of rejected and dropped tokens (WDT)
 
     def __post_init__(self) -> None:
         _at_most(self.accepted, self.drafted, "accepted", "drafted")
