@@ -208,7 +208,7 @@ def test_sigkill_of_wisp_up_takes_every_child_down(launch) -> None:
     up = launch()
     up.wait_ready()
     procs = up.children
-    assert len(procs) == 6  # nats, redis, metrics, verifier, scheduler, edge
+    assert len(procs) == 7  # nats, redis, metrics, predictor, verifier, scheduler, edge
     up.proc.kill()
     up.proc.wait()
     assert_all_gone(procs)
@@ -245,7 +245,7 @@ def test_a_signal_while_starting_stops_what_was_started(launch) -> None:
     up = launch()
     up.wait_output("started edge-drafter-0")  # servers up, services loading their models
     procs = up.started_so_far()
-    assert len(procs) == 6, up.output
+    assert len(procs) == 7, up.output
     up.proc.send_signal(signal.SIGTERM)
     code = up.wait_exit(timeout_s=60)
     out = up.output

@@ -410,8 +410,9 @@ async def test_done_reports_where_sessions_stand_and_verdicts_carry_features(
     done_sub = await subscribe(verifier_done(v.vid))
     verdict_sub = await subscribe(event("verdict"))
     wrong = (ref[1] + 1) % VOCAB
-    features = [[0.9, 0.1, 0.5, 0.0, 0.0], [0.2, 2.0, 0.1, 0.0, 1.0]]
-    req = msgspec.structs.replace(request(sid, 0, 6, [ref[0], wrong]), draft_features=features)
+    features = [[0.9, 0.1, 0.5, 0.0, 0.0, 0.9, 1.0], [0.2, 2.0, 0.1, 0.0, 1.0, 0.18, 1.0]]
+    req = msgspec.structs.replace(request(sid, 0, 6, [ref[0], wrong]), draft_features=features,
+                                  policy="predictor", predictor_version="mlp-1", censored=True)
     [reply] = await send_batch(nc, v.vid, [req])
     assert decode_reply(VerifyResult, reply).new_tokens == ref[:2]
     done = decode(BatchDone, (await done_sub.next_msg(TIMEOUT_S)).data)
@@ -421,6 +422,9 @@ async def test_done_reports_where_sessions_stand_and_verdicts_carry_features(
     assert (verdict.sid, verdict.num_drafted, verdict.num_accepted, verdict.greedy) == \
         (sid, 2, 1, True)
     assert verdict.draft_features == features
+    # Which policy and model drafted the round, and whether it was cut, pass through.
+    assert (verdict.policy, verdict.predictor_version, verdict.censored) == \
+        ("predictor", "mlp-1", True)
 
 
 async def test_degenerate_sampling_values_in_a_batch_leave_the_others_exact(
