@@ -16,6 +16,7 @@ import socket
 from dataclasses import dataclass
 
 import structlog
+from aiohttp import web
 
 from common import protocol as wire
 from common.config import BaseConfig
@@ -108,6 +109,19 @@ class EdgeDrafterService(Service):
 
     def ready(self) -> bool:
         return self.server is not None
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/predictor", self._predictor)]
+
+    async def _predictor(self, _: web.Request) -> web.Response:
+        """The rejection predictor in use here and its measured per-call latency (µs)."""
+        model = self.predictor.current
+        if model is None:
+            return web.json_response({"version": None, "fallback": "fixed k_max"})
+        return web.json_response({
+            "version": model.version, "threshold": model.threshold, "source": model.source,
+            "sha256": model.sha256, "explore": self.config.predictor_explore,
+            "latency_us": model.latency.summary()})
 
     async def _on_generate(self, msg) -> None:
         if not msg.reply:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 import torch
 
@@ -149,6 +150,13 @@ async def test_predictor_hot_swap_and_a_corrupt_model_mid_session_keep_output_ex
         seen = {v for vs in versions.values() for v in vs}
         assert "test-always-stop" in seen, seen  # the swap landed mid-session
         assert "test-corrupt" not in seen
+        # The edge reports the model it kept and the latency of its calls.
+        edge = next(s for s in stack.services if s.name == "edge-drafter-0")
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{edge.url}/predictor") as resp:
+            info = await resp.json()
+        assert info["version"] == "test-always-stop", info
+        assert info["latency_us"]["calls"] > 0 and info["latency_us"]["p50_us"] > 0
         # The swap is between rounds: once a session used the new model it never went back.
         for vs in versions.values():
             used = [v for v in vs if v is not None]  # None: an exploration round
