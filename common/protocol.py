@@ -248,8 +248,7 @@ class GenerateStats(_Obj, kw_only=True):
     rounds: Count = 0
     drafted: Count = 0
     accepted: Count = 0
-    dropped: Count = 0  # draft steps whose token the policy dropped to end a round
-    wasted_draft_ms: Ms = 0.0  # drafting time of rejected and dropped tokens (WDT)
+    wasted_draft_ms: Ms = 0.0  # drafting time of the tokens the target rejected (WDT)
 
     def __post_init__(self) -> None:
         _at_most(self.accepted, self.drafted, "accepted", "drafted")
@@ -498,7 +497,6 @@ class RoundEvent(_Event, tag="round", kw_only=True):
     rtt_ms: Ms
     budget_ms: Finite
     batch_size: Count
-    dropped: Count = 0  # draft steps whose token the policy dropped to end the round (0 or 1)
     policy: Name | None = None  # the draft-length policy's spec (None: the session drafts not)
     predictor_version: Name | None = None  # the rejection predictor the round's policy used
 

@@ -174,8 +174,7 @@ async def _remote_generate(nats_url: str, prompt: str, mode: str, max_new_tokens
     t, s = done.timings, done.stats
     stats = {"mode": mode, "sid": done.sid, "num_tokens": done.num_tokens,
              "finish_reason": done.finish_reason, "rounds": s.rounds, "drafted": s.drafted,
-             "accepted": s.accepted, "dropped": s.dropped,
-             "wasted": s.drafted - s.accepted + s.dropped,
+             "accepted": s.accepted, "wasted": s.drafted - s.accepted,
              "wasted_draft_ms": round(s.wasted_draft_ms, 3),
              "acceptance_rate": round(s.accepted / s.drafted, 4) if s.drafted else None,
              "ttft_ms": round(t.ttft_ms, 2), "tpot_ms": round(t.tpot_ms, 2),

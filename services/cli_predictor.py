@@ -42,6 +42,9 @@ def add_predictor_parser(sub) -> None:
                     help="cost model: one draft step on the edge")
     tr.add_argument("--rtt-ms", type=float, default=60.0, help="cost model: round trip")
     tr.add_argument("--verify-ms", type=float, default=20.0, help="cost model: one verify")
+    tr.add_argument("--max-rounds-ratio", type=float, default=1.4,
+                    help="at most this many times fixed k_max's rounds per committed token, on "
+                         "greedy and on sampled rounds (0: no cap)")
     tr.add_argument("--epochs", type=int, default=300)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--version", default=None, help="version name (default: kind + digest)")
@@ -88,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         if not path.exists():
             raise ValueError(f"{path} does not exist: run `wisp predictor collect --split "
                              f"{split}` first")
-    cost = CostModel(args.draft_step_ms, args.rtt_ms, args.verify_ms)
+    cost = CostModel(args.draft_step_ms, args.rtt_ms, args.verify_ms, args.max_rounds_ratio)
     out = args.out or Path(DEFAULT_PREDICTOR).parent
     report = train_release(PairSet.load(args.train), PairSet.load(args.heldout), cost, out,
                            TrainSettings(epochs=args.epochs, seed=args.seed), args.version)

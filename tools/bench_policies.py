@@ -67,7 +67,7 @@ def summarize(results, cost: dict) -> dict:
     accepted = sum(r.accepted for r in rounds)
     wdt_ms = sum(r.wasted_draft_ms for r in rounds)
     draft_ms = sum(r.draft_ms for r in rounds)
-    steps = drafted + sum(r.dropped for r in rounds)  # a dropped token's step ran too
+    steps = drafted  # every draft step's token is sent
     model_cost = (steps * cost["draft_step_ms"]
                   + len(rounds) * (cost["rtt_ms"] + cost["verify_ms"])) / committed
     return {

@@ -57,7 +57,7 @@ async def run_mode(url: str, prompts, refs, mode: str, profile: str | None,
     n = len(prompts)
     stats = [done.stats for _, done in results]
     rounds = sum(s.rounds for s in stats)
-    wasted = sum(s.drafted - s.accepted + s.dropped for s in stats)
+    wasted = sum(s.drafted - s.accepted for s in stats)
     wdt_ms = sum(s.wasted_draft_ms for s in stats)
     return (f"| {mode} | {profile or '-'} | {exact}/{n} | {wall:.1f} | {tokens / wall:.0f} | "
             f"{tpot[n // 2]:.1f} | {tpot[int(n * 0.9)]:.1f} | {rounds / n:.1f} | "

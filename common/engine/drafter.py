@@ -39,20 +39,17 @@ class Draft:
     sparse_ids: list[list[int]] | None = None  # [k][m], sampling only
     sparse_probs: list[list[float]] | None = None  # [k][m], sampling only
     token_times_s: list[float] = field(default_factory=list)  # [k] drafting time per token
-    dropped: bool = False  # the policy ended the round by dropping a token it had drafted
-    stopped_time_s: float = 0.0  # that dropped token's draft step (spent, wasted)
     policy: str | None = None  # spec of the policy that drafted it
     predictor_version: str | None = None  # the rejection predictor that policy used, if any
     censored: bool = False  # its length was cut by a rule reading the features
 
     @property
     def draft_time_s(self) -> float:
-        return sum(self.token_times_s) + self.stopped_time_s
+        return sum(self.token_times_s)
 
     def wasted_time_s(self, num_accepted: int) -> float:
-        """Drafting time that committed nothing: the rejected tokens' and the dropped step's
-        (wasted drafting time, WDT)."""
-        return sum(self.token_times_s[num_accepted:]) + self.stopped_time_s
+        """Drafting time of the tokens the target rejected (wasted drafting time, WDT)."""
+        return sum(self.token_times_s[num_accepted:])
 
 
 @dataclass(slots=True)
@@ -113,15 +110,11 @@ class DrafterCore:
                                         for sid in pending])  # [B]
             features = draft_features(logits, positions, cum_before, prev_accept)  # [B, F]
             tokens, sparse = self._choose(pending, logits)
-            keep = self._keep(pending, positions, features)  # [B] bool
+            last = self._last(pending, positions, features)  # [B] bool
             elapsed = time.perf_counter() - start
             rows = features.tolist()
             next_pending: list[str] = []
             for row, sid in enumerate(pending):
-                if not keep[row]:
-                    drafts[sid].dropped = True  # its KV was never computed
-                    drafts[sid].stopped_time_s = elapsed
-                    continue
                 draft, token = drafts[sid], tokens[row]
                 draft.token_ids.append(token)
                 draft.features.append(rows[row])
@@ -129,7 +122,8 @@ class DrafterCore:
                 if sparse[row] is not None:  # sampling sessions only: greedy ones send none
                     draft.sparse_ids = (draft.sparse_ids or []) + [sparse[row][0]]
                     draft.sparse_probs = (draft.sparse_probs or []) + [sparse[row][1]]
-                if len(draft.token_ids) < limits[sid] and token != self.eos_token_id:
+                if (not last[row] and len(draft.token_ids) < limits[sid]
+                        and token != self.eos_token_id):
                     next_pending.append(sid)
             pending = next_pending
             position += 1
@@ -203,15 +197,15 @@ class DrafterCore:
                 limits[sid] = max(0, min(wanted, session.spec.k_max, self.k_max, room))
         return limits
 
-    def _keep(self, sids: list[str], positions: torch.Tensor,
+    def _last(self, sids: list[str], positions: torch.Tensor,
               features: torch.Tensor) -> torch.Tensor:
-        """[B] bool: one `keep` call per policy for its rows of this step."""
-        keep = torch.ones(len(sids), dtype=torch.bool)
+        """[B] bool: one `last` call per policy for its rows of this step."""
+        last = torch.zeros(len(sids), dtype=torch.bool)
         index = {sid: row for row, sid in enumerate(sids)}
         for policy, group in self._by_policy(sids):
             rows = torch.tensor([index[sid] for sid in group], dtype=torch.int64)
-            keep[rows] = policy.keep(DraftStep(group, positions[rows], features[rows]))
-        return keep
+            last[rows] = policy.last(DraftStep(group, positions[rows], features[rows]))
+        return last
 
     def _by_policy(self, sids: list[str]) -> list[tuple[DraftPolicy, list[str]]]:
         groups: dict[int, tuple[DraftPolicy, list[str]]] = {}

@@ -80,8 +80,7 @@ class GenerationResult:
         return {
             "num_tokens": len(self.token_ids), "rounds": self.num_rounds,
             "drafted": self.num_drafted, "accepted": self.num_accepted,
-            "dropped": sum(r.dropped for r in self.rounds),
-            "wasted": self.num_drafted - self.num_accepted + sum(r.dropped for r in self.rounds),
+            "wasted": self.num_drafted - self.num_accepted,
             "wasted_draft_ms": round(sum(r.wasted_draft_ms for r in self.rounds), 3),
             "draft_ms": round(sum(r.draft_ms for r in self.rounds), 3),
             "acceptance_rate": round(self.acceptance_rate, 4),

@@ -1,8 +1,8 @@
 """Draft-length policies: how many tokens an edge drafts before asking for a verdict.
 
 A policy decides for a whole draft step of many sessions at once: the drafter core hands it
-the step's `DraftStep` (session ids [B], positions [B], features [B, F]) and gets a keep mask
-[B] back, so a model-backed policy (WISP's rejection predictor, an ONNX session) runs once per
+the step's `DraftStep` (session ids [B], positions [B], features [B, F]) and gets a mask [B]
+back of the sessions whose token just drafted is their round's last, so a model-backed policy (WISP's rejection predictor, an ONNX session) runs once per
 step for the whole batch rather than once per token. One policy object serves every session
 that names it; state it keeps per session or per device (a bandit's arms, a delay estimate) is
 its own, opened and closed with the sessions. Its dependencies (a predictor, a clock) are
@@ -75,7 +75,11 @@ class RoundFeedback:
 
 
 class DraftPolicy:
-    """Base: no per-token stopping, a round limit of each session's k_max, no learning."""
+    """Base: no per-token stopping, a round limit of each session's k_max, no learning.
+
+    A per-token rule ends a round *after* the token it judged: that token's draft step has run
+    anyway, so it is sent (free to verify alongside the others, and accepted now and then)
+    rather than dropped; what the rule saves is the steps after it."""
 
     name: ClassVar[str] = "policy"
 
@@ -94,9 +98,9 @@ class DraftPolicy:
         the room left)."""
         return [self.sessions[sid].k_max for sid in sids]
 
-    def keep(self, step: DraftStep) -> torch.Tensor:
-        """[B] bool: False drops that session's token just drafted and ends its round."""
-        return torch.ones(len(step.sids), dtype=torch.bool)
+    def last(self, step: DraftStep) -> torch.Tensor:
+        """[B] bool: True ends that session's round with the token just drafted (sent)."""
+        return torch.zeros(len(step.sids), dtype=torch.bool)
 
     def observe(self, feedback: RoundFeedback) -> None:
         """The verdict of a round this policy drafted."""
@@ -145,7 +149,8 @@ def _probability(arg: str, what: str) -> float:
 
 
 class ConfidenceStop(DraftPolicy):
-    """Stop at the first token whose draft confidence (top-1 probability) is below τ."""
+    """End the round at the first token whose draft confidence (top-1 probability) is below
+    τ (that token included)."""
 
     name = "confidence"
 
@@ -157,16 +162,16 @@ class ConfidenceStop(DraftPolicy):
     def from_arg(cls, arg: str) -> ConfidenceStop:
         return cls(_probability(arg, "confidence:τ"))
 
-    def keep(self, step: DraftStep) -> torch.Tensor:
-        return step.features[:, _CONFIDENCE] >= self.tau
+    def last(self, step: DraftStep) -> torch.Tensor:
+        return step.features[:, _CONFIDENCE] < self.tau
 
     def censors(self, sid: str) -> bool:
         return True
 
 
 class PredictorStop(DraftPolicy):
-    """WISP: stop at the first token the rejection predictor scores at or above the threshold
-    (the model's own operating threshold unless one is given).
+    """WISP: end the round at the first token the rejection predictor scores at or above the
+    threshold (the model's own operating threshold unless one is given), that token included.
 
     The model comes from a `PredictorSlot` that a service may swap at any time; each session
     takes the slot's model when its round starts (`round_limits`) and keeps it for the round,
@@ -204,8 +209,8 @@ class PredictorStop(DraftPolicy):
             self._round_model[sid] = None if exploring else model
         return super().round_limits(sids)
 
-    def keep(self, step: DraftStep) -> torch.Tensor:
-        keep = torch.ones(len(step.sids), dtype=torch.bool)
+    def last(self, step: DraftStep) -> torch.Tensor:
+        last = torch.zeros(len(step.sids), dtype=torch.bool)
         groups: dict[int, tuple[OnnxPredictor, list[int]]] = {}
         for row, sid in enumerate(step.sids):
             model = self._round_model.get(sid)
@@ -215,8 +220,8 @@ class PredictorStop(DraftPolicy):
         for model, rows in groups.values():
             p_reject = model.predict(features[rows])  # [b]
             threshold = self.threshold if self.threshold is not None else model.threshold
-            keep[rows] = torch.from_numpy(p_reject < threshold)
-        return keep
+            last[rows] = torch.from_numpy(p_reject >= threshold)
+        return last
 
     def version_for(self, sid: str) -> str | None:
         model = self._round_model.get(sid)

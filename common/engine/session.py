@@ -165,13 +165,11 @@ class SessionCore:
         stats.accepted += result.num_accepted
         wasted_ms = draft.wasted_time_s(result.num_accepted) * 1e3 if draft else 0.0
         stats.wasted_draft_ms += wasted_ms
-        stats.dropped += int(draft.dropped) if draft else 0
         return RoundEvent(
             ts_ms=time.time() * 1e3, sid=s.sid, mode=s.spec.mode, round=request.round,
             drafted=k, accepted=result.num_accepted, committed=len(result.new_tokens),
             draft_ms=draft_ms, wasted_draft_ms=wasted_ms, rtt_ms=rtt_ms,
             budget_ms=request.budget_ms, batch_size=result.batch_size,
-            dropped=int(draft.dropped) if draft else 0,
             policy=draft.policy if draft else None,
             predictor_version=draft.predictor_version if draft else None)
 

@@ -99,12 +99,9 @@ class EmulatedDrafter:
         t0 = loop.time()
         draft = await self.inner.draft(sid)
         k = len(draft.token_ids)
-        steps = k + (1 if draft.dropped else 0)  # a dropped token's step ran too
-        await asyncio.sleep(self.link.draft_delay_s(steps, loop.time() - t0))
+        await asyncio.sleep(self.link.draft_delay_s(k, loop.time() - t0))
         if self.link.profile.draft_ms_per_token:
-            per_token_s = self.link.profile.draft_ms_per_token / 1e3
-            draft.token_times_s = [per_token_s] * k
-            draft.stopped_time_s = per_token_s if draft.dropped else 0.0
+            draft.token_times_s = [self.link.profile.draft_ms_per_token / 1e3] * k
         return draft
 
     async def apply(self, sid, num_accepted, new_tokens, round_trip_s) -> None:

@@ -154,7 +154,7 @@ class _ModeStats:
     drafted: int = 0
     accepted: int = 0
     wasted_draft_ms: float = 0.0
-    wasted_tokens: int = 0  # drafted - accepted + dropped (a policy's stop token ran too)
+    wasted_tokens: int = 0  # drafted - accepted
     draft_ms: float = 0.0
     committed: int = 0
     # From request events' stats (each request's totals).
@@ -281,8 +281,7 @@ class MetricsAggregator:
                                     "Edge time spent drafting tokens that were rejected (WDT)",
                                     ["mode"], registry=r)
         self.wasted_tokens = Counter("wisp_wasted_draft_tokens",
-                                     "Draft steps whose token was not accepted (rejected, or "
-                                     "dropped by the policy to end its round)", ["mode"],
+                                     "Drafted tokens the target rejected", ["mode"],
                                      registry=r)
         self.verdict_draft_tokens = Counter("wisp_verdict_draft_tokens",
                                             "Draft tokens verified (the verifiers' view)",
@@ -360,7 +359,7 @@ class MetricsAggregator:
         stats.drafted += ev.drafted
         stats.accepted += ev.accepted
         stats.wasted_draft_ms += ev.wasted_draft_ms
-        wasted = ev.drafted - ev.accepted + ev.dropped
+        wasted = ev.drafted - ev.accepted
         stats.wasted_tokens += wasted
         stats.draft_ms += ev.draft_ms
         stats.committed += ev.committed

@@ -80,6 +80,7 @@ class PredictorConfig(BaseConfig):
     draft_step_ms: float = 25.0  # cost model: one draft step on the edge
     rtt_ms: float = 60.0  # cost model: a round trip
     verify_ms: float = 20.0  # cost model: one verify
+    max_rounds_ratio: float = 1.4  # cost model: rounds cap vs fixed k_max (0: none)
     epochs: int = 100
     train_threads: int = 1  # torch threads of this process (0: torch's default)
     seed: int = 0
@@ -92,7 +93,8 @@ class PredictorConfig(BaseConfig):
         for name in ("window_rows", "max_rows", "history"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("retrain_interval_s", "draft_step_ms", "rtt_ms", "verify_ms"):
+        for name in ("retrain_interval_s", "draft_step_ms", "rtt_ms", "verify_ms",
+                     "max_rounds_ratio"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.drift_false_alarm <= 1.0:
@@ -117,7 +119,8 @@ class PredictorService(Service):
         self.stats = LiveStats(cfg.window_rows)
         self.triggers = RetrainTriggers(cfg.retrain_every_rows, cfg.retrain_interval_s,
                                         cfg.min_rows, cfg.window_rows, cfg.drift_false_alarm)
-        self.cost = CostModel(cfg.draft_step_ms, cfg.rtt_ms, cfg.verify_ms)
+        self.cost = CostModel(cfg.draft_step_ms, cfg.rtt_ms, cfg.verify_ms,
+                              cfg.max_rounds_ratio)
         self.base: PairSet | None = None
         self.edge_rounds: Counter[str] = Counter()  # predictor_version -> rounds
         self.events: Counter[str] = Counter()  # kind -> events; "bad" for undecodable ones

@@ -54,9 +54,7 @@ def test_every_policy_reports_the_accounting_and_greedy_tokens(capsys, reference
     assert stats["policy"] == policy
     for key in ("drafted", "accepted", "rounds", "wasted_draft_ms", "wasted"):
         assert key in stats, key
-    assert stats["wasted"] == stats["drafted"] - stats["accepted"] + stats["dropped"]
-    if policy.startswith(("predictor", "confidence")):
-        assert stats["dropped"] > 0  # the policy ended rounds by dropping a drafted token
+    assert stats["wasted"] == stats["drafted"] - stats["accepted"]
     assert stats["rounds"] >= 1 and stats["wasted_draft_ms"] >= 0
     assert out["token_ids"] == reference
     if policy == "predictor":

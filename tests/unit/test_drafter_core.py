@@ -98,9 +98,9 @@ class StopAfter(DraftPolicy):
         super().__init__()
         self.n, self.steps, self.feedback = n, [], []
 
-    def keep(self, step: DraftStep) -> torch.Tensor:
+    def last(self, step: DraftStep) -> torch.Tensor:
         self.steps.append((list(step.sids), step.positions.tolist(), tuple(step.features.shape)))
-        return step.positions < self.n
+        return step.positions >= self.n - 1
 
     def observe(self, feedback):
         self.feedback.append(feedback)
@@ -116,8 +116,7 @@ def test_policy_decides_a_whole_step_at_once_and_receives_feedback(model):
     assert [len(drafts[s].token_ids) for s in "abc"] == [2, 2, 4]
     # One call per draft step for both of its sessions, with a [B, F] feature batch.
     f = len(DRAFT_FEATURES)
-    assert policy.steps == [(["a", "b"], [0, 0], (2, f)), (["a", "b"], [1, 1], (2, f)),
-                            (["a", "b"], [2, 2], (2, f))]
+    assert policy.steps == [(["a", "b"], [0, 0], (2, f)), (["a", "b"], [1, 1], (2, f))]
     d.apply("a", 1, drafts["a"].token_ids[:1] + [0])
     (fb,) = policy.feedback
     assert (fb.sid, fb.num_drafted, fb.num_accepted) == ("a", 2, 1)

@@ -52,11 +52,11 @@ def request(mode: str = "wisp", *, num_tokens: int = 10, ttft_ms: float = 100.0,
 
 
 def round_event(mode: str = "wisp", *, drafted: int = 4, accepted: int = 2,
-                wasted_draft_ms: float = 0.0, round: int = 0, dropped: int = 0) -> RoundEvent:
+                wasted_draft_ms: float = 0.0, round: int = 0) -> RoundEvent:
     return RoundEvent(ts_ms=1.0, sid=SID, mode=mode, round=round, drafted=drafted,
                       accepted=accepted, committed=accepted + 1, draft_ms=40.0,
                       wasted_draft_ms=wasted_draft_ms, rtt_ms=10.0, budget_ms=-5.0,
-                      batch_size=2, dropped=dropped)
+                      batch_size=2)
 
 
 def verdict(*, num_drafted: int = 1, num_accepted: int = 1, greedy: bool = True,
@@ -243,20 +243,19 @@ def test_request_stats_are_reported_apart_from_rounds() -> None:
 # -- rounds, verdicts, batches, errors ----------------------------------------------------------
 def test_acceptance_length_rate_and_wasted_drafting() -> None:
     agg = MetricsAggregator()
-    for drafted, accepted, wasted, dropped in ((4, 4, 0.0, 0), (4, 1, 30.0, 0),
-                                               (6, 3, 12.5, 1), (0, 0, 0.0, 0)):
+    for drafted, accepted, wasted in ((4, 4, 0.0), (4, 1, 30.0), (6, 3, 12.5), (0, 0, 0.0)):
         agg.observe(round_event("ucb", drafted=drafted, accepted=accepted,
-                                wasted_draft_ms=wasted, dropped=dropped))
+                                wasted_draft_ms=wasted))
     s = agg.summary()["modes"]["ucb"]
     assert (s["rounds"], s["drafted"], s["accepted"]) == (4, 14, 8)
     assert s["mean_acceptance_length"] == pytest.approx(2.0)
     assert s["acceptance_rate"] == pytest.approx(8 / 14, abs=1e-4)
     assert s["wasted_draft_s"] == pytest.approx(0.0425)
-    # 0 + 3 + (3 rejected + 1 dropped) + 0 wasted steps over 12 committed tokens.
-    assert s["wasted_tokens"] == 7 and s["draft_s"] == pytest.approx(0.16)
-    assert s["wasted_tokens_per_committed"] == pytest.approx(7 / 12, abs=1e-4)
+    # 0 + 3 + 3 + 0 rejected tokens over 12 committed tokens.
+    assert s["wasted_tokens"] == 6 and s["draft_s"] == pytest.approx(0.16)
+    assert s["wasted_tokens_per_committed"] == pytest.approx(6 / 12, abs=1e-4)
     assert s["wasted_draft_ms_per_committed"] == pytest.approx(42.5 / 12, abs=1e-4)
-    assert sample(agg, "wisp_wasted_draft_tokens_total", {"mode": "ucb"}) == 7
+    assert sample(agg, "wisp_wasted_draft_tokens_total", {"mode": "ucb"}) == 6
     assert s["requests"] == 0 and s["slo_attainment"] is None and s["window_s"] == 0.0
     assert s["per_request"]["mean_rounds"] is None
     assert sample(agg, "wisp_draft_tokens_total", {"mode": "ucb"}) == 14

@@ -78,14 +78,17 @@ def test_load_refuses_pairs_of_other_features(tmp_path) -> None:
         PairSet.load(tmp_path / "old.npz")
 
 
-def test_replay_stops_at_the_first_high_score_and_counts_the_dropped_step() -> None:
+def test_replay_ends_the_round_with_the_first_high_score() -> None:
     p = PairSet.from_rounds([(rows([0.9, 0.8, 0.7, 0.6]), 2)], "code", 0.0)
     scores = np.array([0.1, 0.2, 0.9, 0.3])
     cost = CostModel(draft_step_ms=10.0, rtt_ms=50.0, verify_ms=20.0)
     stop = replay(p, scores, 0.5, cost)
-    # Steps 0..2 ran; token 2 (scored 0.9) dropped; both sent tokens accepted.
-    assert (stop.steps, stop.drafted, stop.accepted, stop.committed) == (3, 2, 2, 3)
+    # Tokens 0..2 drafted and sent (token 2, scored 0.9, ends the round); 2 accepted.
+    assert (stop.steps, stop.drafted, stop.accepted, stop.committed) == (3, 3, 2, 3)
     assert stop.wasted_steps == 1 and stop.cost_ms == 3 * 10 + 50 + 20
+    # A false alarm costs nothing: scored high at an accepted token, it is still sent.
+    early = replay(p, np.array([0.9, 0.1, 0.1, 0.1]), 0.5, cost)
+    assert (early.drafted, early.accepted, early.wasted_steps) == (1, 1, 0)
     never = replay(p, scores, NEVER, cost)
     assert (never.steps, never.drafted, never.accepted, never.wasted_steps) == (4, 4, 2, 2)
     assert never.per_committed(cost)["wdt_ms"] == pytest.approx(2 * 10 / 3)
@@ -101,13 +104,24 @@ def test_classification_counts_rejection_as_positive() -> None:
 def test_threshold_by_cost_follows_the_price_of_a_round_trip() -> None:
     pairs = synthetic(400, seed=2)
     scores = 1.0 - pairs.features[:, CONF]
-    cheap_rtt, cheap_cost = choose_threshold(scores, pairs, CostModel(25.0, 1.0, 1.0))
-    dear_rtt, _ = choose_threshold(scores, pairs, CostModel(1.0, 500.0, 20.0))
+    cheap_rtt, cheap_cost = choose_threshold(scores, pairs, CostModel(25.0, 1.0, 1.0, 0))
+    dear_rtt, _ = choose_threshold(scores, pairs, CostModel(1.0, 500.0, 20.0, 0))
     # Drafting dear and round trips cheap: stop early (a low threshold); the other way round,
     # hardly ever stop.
     assert cheap_rtt < dear_rtt
     fixed = replay(pairs, scores, NEVER, CostModel(25.0, 1.0, 1.0))
     assert cheap_cost <= fixed.per_committed(CostModel(25.0, 1.0, 1.0))["cost_ms"]
+
+
+def test_threshold_choice_keeps_within_the_round_cap() -> None:
+    pairs = synthetic(400, seed=5)
+    scores = 1.0 - pairs.features[:, CONF]
+    free, capped = CostModel(25.0, 1.0, 1.0, 0), CostModel(25.0, 1.0, 1.0, 1.2)
+    fixed = replay(pairs, scores, NEVER, free).per_committed(free)["rounds"]
+    t_free, _ = choose_threshold(scores, pairs, free)
+    t_capped, _ = choose_threshold(scores, pairs, capped)
+    assert replay(pairs, scores, t_free, free).per_committed(free)["rounds"] > 1.2 * fixed
+    assert replay(pairs, scores, t_capped, free).per_committed(free)["rounds"] <= 1.2 * fixed
 
 
 def test_trained_mlp_beats_fixed_k_on_held_out_rounds_of_its_own_kind() -> None:

@@ -91,15 +91,16 @@ def test_a_policy_that_stops_on_draft_confidence_keeps_the_targets_distribution(
     target, draft = peaky(3), peaky(4)
     engine = InProcessEngine(
         VerifierCore(PagedRunner(target, num_blocks=4 * N, block_size=4), None),
-        DrafterCore(PagedRunner(draft, num_blocks=4 * N, block_size=4), None, k_max=2), k_max=2)
-    # The draft's confidence is 0.223 after PROMPT and 0.19-0.29 after it, depending on the
-    # sampled first token: at 0.22 the first round drafts 1 or 2 tokens by that token.
+        DrafterCore(PagedRunner(draft, num_blocks=4 * N, block_size=4), None, k_max=3), k_max=3)
+    # The draft's confidence is 0.223 after PROMPT and 0.19-0.29 after one more token,
+    # depending on the sampled first token: at 0.22 the first round ends with its second
+    # token or drafts a third, by that token (max_new_tokens 4 leaves room for 3).
     policy = ConfidenceStop(0.22)
-    results = engine.generate_many([GenerationRequest(PROMPT, 3, PARAMS, seed=N + i,
+    results = engine.generate_many([GenerationRequest(PROMPT, 4, PARAMS, seed=N + i,
                                                       policy=policy) for i in range(N)])
     counts = torch.zeros(V, V)
     for r in results:
         counts[r.token_ids[0], r.token_ids[1]] += 1
     first_drafts = {r.rounds[0].drafted for r in results}
-    assert first_drafts == {1, 2}, first_drafts  # the policy really varied the length
+    assert first_drafts == {2, 3}, first_drafts  # the policy really varied the length
     assert chi2_pvalue(counts, joint_probs(target, PARAMS)) > 1e-3

@@ -38,9 +38,9 @@ class ConfidenceStop(DraftPolicy):
         self.calls: list[DraftStep] = []
         self.feedback: list[RoundFeedback] = []
 
-    def keep(self, step: DraftStep) -> torch.Tensor:
+    def last(self, step: DraftStep) -> torch.Tensor:
         self.calls.append(step)
-        return step.features[:, CONFIDENCE] >= self.threshold
+        return step.features[:, CONFIDENCE] < self.threshold
 
     def observe(self, feedback: RoundFeedback) -> None:
         self.feedback.append(feedback)
@@ -113,14 +113,14 @@ def test_a_policy_decides_each_draft_and_the_rounds_stay_exact(models):
     s = core.session(spec(), prompt)
     asyncio.run(core.run(s))
     assert s.output == hf_greedy(target, prompt, 24)  # the policy never changes the output
-    # Each draft stopped where the policy said: at its first low-confidence token.
+    # Each draft ended where the policy said: with its first low-confidence token.
     for draft, request in zip(drafter.drafts, port.requests, strict=True):
         confidence = [row[CONFIDENCE] for row in draft.features]
-        assert all(c >= 0.05 for c in confidence)
+        assert all(c >= 0.05 for c in confidence[:-1])
         assert request.draft_ids == draft.token_ids
         assert request.draft_features == draft.features  # the features travel with the round
     assert any(len(r.draft_ids) < 8 for r in port.requests[:-1]), "the policy never stopped one"
-    # One keep call per draft step, and a verdict per round with the features it saw.
+    # One `last` call per draft step, and a verdict per round with the features it saw.
     assert len(policy.feedback) == s.stats.rounds == len(port.requests)
     assert [f.num_drafted for f in policy.feedback] == [len(r.draft_ids) for r in port.requests]
     assert all(f.round_trip_s is not None and f.round_trip_s > 0 for f in policy.feedback)

@@ -123,7 +123,7 @@ def test_same_seed_same_lengths_and_k_max_respected():
     assert policy.round_limits(["small"]) == [2]  # no arm fits: the session's k_max
 
 
-def test_feedback_without_round_trip_or_arm_is_ignored_and_keep_keeps_all():
+def test_feedback_without_round_trip_or_arm_is_ignored_and_no_token_ends_a_round():
     policy = UcbSpecStop()
     session(policy, "s", "dev")
     (k,) = policy.round_limits(["s"])
@@ -132,7 +132,7 @@ def test_feedback_without_round_trip_or_arm_is_ignored_and_keep_keeps_all():
     policy.observe(RoundFeedback("s", k, 0, torch.zeros(k, 7), 0.01, 0.02))  # no arm pending
     assert policy.preferred_length("dev") is None
     step = DraftStep(["s"], torch.tensor([0]), torch.zeros(1, 7))
-    assert policy.keep(step).tolist() == [True]
+    assert policy.last(step).tolist() == [False]
 
 
 def test_from_arg():

@@ -1,10 +1,11 @@
 """The offline cost of a stopping rule, replayed on fixed-length rounds (WISP, Theorem 1).
 
-A rule stops a round at its first token scored at or above the threshold: that token's draft
-step has run (its time is spent) but the token is dropped, and the round is sent with the
-tokens before it. Replaying this on rounds drafted to k_max gives, per round, the steps run,
-the tokens sent, the tokens accepted (min of sent and the round's accepted run) and the tokens
-committed (accepted + the target's own). Costs are renewal-reward ratios over all rounds:
+A rule ends a round at its first token scored at or above the threshold, that token included:
+its draft step has run, so it is sent with the tokens before it (dropping it would waste the
+step for certain; sent, it is accepted when the score was a false alarm). Replaying this on
+rounds drafted to k_max gives, per round, the steps run (= the tokens sent), the tokens
+accepted (min of sent and the round's accepted run) and the tokens committed (accepted + the
+target's own). Costs are renewal-reward ratios over all rounds:
 E[cost of a round] / E[tokens committed by a round], with a round costing
 steps x draft_step_ms + rtt_ms + verify_ms (`CostModel`).
 
@@ -25,11 +26,16 @@ __all__ = ["CostModel", "Replay", "classification", "replay"]
 
 @dataclass(slots=True, frozen=True)
 class CostModel:
-    """What a round costs the edge, in ms: each draft step, the round trip, the verify."""
+    """What a round costs the edge, in ms: each draft step, the round trip, the verify; and
+    the server's share: a rule may make at most `max_rounds_ratio` times the rounds per
+    committed token of fixed k_max (0: no cap). The edge's price of a round is its wait; the
+    verifier pays for every round it runs for every device it serves, which the edge's cost
+    does not see, so the threshold choice caps it."""
 
     draft_step_ms: float = 25.0
     rtt_ms: float = 60.0
     verify_ms: float = 20.0
+    max_rounds_ratio: float = 1.4
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -40,8 +46,8 @@ class Replay:
     """Per-round means of a stopping rule replayed on a pair set's rounds."""
 
     rounds: int
-    steps: float  # draft steps run per round (the dropped token's step included)
-    drafted: float  # tokens sent per round
+    steps: float  # draft steps run per round
+    drafted: float  # tokens sent per round (= steps)
     accepted: float  # accepted per round
     committed: float  # accepted + 1 per round
     wasted_steps: float  # steps whose token was not accepted, per round
@@ -64,8 +70,8 @@ class Replay:
 
 
 def replay(pairs: PairSet, scores: np.ndarray, threshold: float, cost: CostModel) -> Replay:
-    """scores [N] (probability of rejection per row) -> the rule "stop at the first row with
-    score >= threshold" replayed on every round of `pairs`."""
+    """scores [N] (probability of rejection per row) -> the rule "end the round with the first
+    row scored >= threshold" replayed on every round of `pairs`."""
     starts = pairs.round_starts()  # [R + 1]
     rounds = len(starts) - 1
     if rounds == 0:
@@ -78,9 +84,8 @@ def replay(pairs: PairSet, scores: np.ndarray, threshold: float, cost: CostModel
         lo, hi = starts[r], starts[r + 1]
         hit = np.flatnonzero(stop[lo:hi])
         k = hi - lo
-        sent = int(hit[0]) if len(hit) else k
-        steps[r] = sent + 1 if len(hit) else k
-        drafted[r] = sent
+        sent = int(hit[0]) + 1 if len(hit) else k
+        steps[r] = drafted[r] = sent
         accepted[r] = min(sent, int(pairs.accepted[lo:hi].sum()))
     committed = accepted + 1
     round_cost = steps * cost.draft_step_ms + cost.rtt_ms + cost.verify_ms

@@ -44,14 +44,27 @@ def score(kind: str, model: RejectionModel | None, pairs: PairSet) -> np.ndarray
 
 def choose_threshold(scores: np.ndarray, pairs: PairSet, cost: CostModel) -> tuple[float, float]:
     """(threshold, cost_ms per committed token): the cheapest of a grid over the scores'
-    quantiles, never-stop included (so the choice is never worse than fixed k_max here)."""
+    quantiles, never-stop included (so the choice is never worse than fixed k_max here), among
+    those within the cost model's round cap on greedy and on sampled rounds alike (each kind
+    of traffic, not only their mix, stays within it)."""
     grid = np.unique(np.concatenate([np.quantile(scores, np.linspace(0.02, 0.98, 49)),
                                      np.linspace(0.05, 0.95, 19)]))
     grid = grid[(grid > 0.0) & (grid <= 1.0)]
+    groups = [g for g in (pairs.temperature == 0, pairs.temperature > 0) if g.any()]
+    fixed_rounds = [replay(pairs.select(g), scores[g], NEVER, cost).per_committed(cost)["rounds"]
+                    for g in groups]
+
+    def within_cap(t: float) -> bool:
+        if not cost.max_rounds_ratio:
+            return True
+        return all(replay(pairs.select(g), scores[g], t, cost).per_committed(cost)["rounds"]
+                   <= cost.max_rounds_ratio * base for g, base in zip(groups, fixed_rounds,
+                                                                     strict=True))
+
     best = (NEVER, replay(pairs, scores, NEVER, cost).per_committed(cost)["cost_ms"])
     for t in grid:
         c = replay(pairs, scores, float(t), cost).per_committed(cost)["cost_ms"]
-        if c < best[1] - 1e-9:
+        if c < best[1] - 1e-9 and within_cap(float(t)):
             best = (float(t), c)
     return best
 
