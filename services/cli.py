@@ -4,6 +4,7 @@
     wisp generate "PROMPT"            generate through a running stack (the SDK over NATS)
     wisp generate --local "PROMPT"    draft + verify in this process, no services
     wisp predictor collect|train      the rejection predictor's data and model (WISP)
+    wisp calibrate [--json]           fit the verifier's latency estimator on this machine
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
     up.add_argument("--exit-after-demo", action="store_true",
                     help="stop the stack after the demo instead of serving until Ctrl-C")
+    from services.cli_calibrate import add_calibrate_parser
     from services.cli_predictor import add_predictor_parser
 
     add_predictor_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "calibrate":
+            from services.cli_calibrate import cmd_calibrate
+
+            return cmd_calibrate(args)
         if args.command == "predictor":
             from services.cli_predictor import cmd_predictor
 
