@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from common.engine.predictor.cost import CostModel, classification, replay
+from common.engine.predictor.cost import Confusion, CostModel, classification, replay
 from common.engine.predictor.model import RejectionModel, TrainSettings
 from common.engine.predictor.pairs import DOMAINS, PairSet
 from common.engine.predictor.runtime import OnnxPredictor
@@ -106,37 +106,6 @@ class LiveRows:
 
     def pairs(self) -> PairSet:
         return to_pairs(list(self._rounds))
-
-
-@dataclass(slots=True)
-class Confusion:
-    """Counts of "predicted rejected" (score >= threshold) against the verdict."""
-
-    tp: int = 0  # predicted rejected, rejected
-    fp: int = 0  # predicted rejected, accepted: a false alarm
-    fn: int = 0  # predicted accepted, rejected
-    tn: int = 0
-
-    def add(self, predicted: np.ndarray, accepted: np.ndarray, sign: int = 1) -> None:
-        rejected = ~accepted
-        self.tp += sign * int((predicted & rejected).sum())
-        self.fp += sign * int((predicted & accepted).sum())
-        self.fn += sign * int((~predicted & rejected).sum())
-        self.tn += sign * int((~predicted & accepted).sum())
-
-    @property
-    def rows(self) -> int:
-        return self.tp + self.fp + self.fn + self.tn
-
-    def rates(self) -> dict[str, float] | None:
-        """precision, recall, false_alarm with `cost.classification`'s conventions for empty
-        denominators; None with no rows."""
-        if not self.rows:
-            return None
-        accepted = self.fp + self.tn
-        return {"precision": self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0,
-                "recall": self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0,
-                "false_alarm": self.fp / accepted if accepted else 0.0}
 
 
 class LiveStats:

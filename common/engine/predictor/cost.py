@@ -21,7 +21,7 @@ import numpy as np
 
 from common.engine.predictor.pairs import PairSet
 
-__all__ = ["CostModel", "Replay", "classification", "replay"]
+__all__ = ["Confusion", "CostModel", "Replay", "classification", "replay"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,20 +93,45 @@ def replay(pairs: PairSet, scores: np.ndarray, threshold: float, cost: CostModel
                   (steps - accepted).mean(), round_cost.mean())
 
 
+@dataclass(slots=True)
+class Confusion:
+    """Counts of "predicted rejected" (score >= threshold) against the verdict; rejection is
+    the positive class. Offline (`classification`) and live (the predictor service, adding
+    and removing rounds as its window slides) count the same way."""
+
+    tp: int = 0  # predicted rejected, rejected
+    fp: int = 0  # predicted rejected, accepted: a false alarm
+    fn: int = 0  # predicted accepted, rejected
+    tn: int = 0
+
+    def add(self, predicted: np.ndarray, accepted: np.ndarray, sign: int = 1) -> None:
+        rejected = ~accepted
+        self.tp += sign * int((predicted & rejected).sum())
+        self.fp += sign * int((predicted & accepted).sum())
+        self.fn += sign * int((~predicted & rejected).sum())
+        self.tn += sign * int((~predicted & accepted).sum())
+
+    @property
+    def rows(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    def rates(self) -> dict[str, float] | None:
+        """Precision and recall of "predicted rejected" and the false-alarm rate (accepted
+        tokens predicted rejected / accepted tokens, the rate Theorem 1 ties to wasted
+        drafting); an empty denominator reads as no error (1, 1, 0). None with no rows."""
+        if not self.rows:
+            return None
+        accepted = self.fp + self.tn
+        return {"precision": self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0,
+                "recall": self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0,
+                "false_alarm": self.fp / accepted if accepted else 0.0}
+
+
 def classification(labels_accepted: np.ndarray, scores: np.ndarray,
                    threshold: float) -> dict[str, float]:
-    """Rejection as the positive class: precision and recall of "predicted rejected" (score >=
-    threshold), and the false-alarm rate (accepted tokens predicted rejected / accepted tokens,
-    the rate Theorem 1 ties to wasted drafting)."""
-    predicted = scores >= threshold
-    rejected = ~labels_accepted
-    tp = int((predicted & rejected).sum())
-    fp = int((predicted & labels_accepted).sum())
-    fn = int((~predicted & rejected).sum())
-    n_acc = int(labels_accepted.sum())
-    return {
-        "precision": tp / (tp + fp) if tp + fp else 1.0,
-        "recall": tp / (tp + fn) if tp + fn else 1.0,
-        "false_alarm": fp / n_acc if n_acc else 0.0,
-        "accuracy": float((predicted == rejected).mean()) if len(scores) else 0.0,
-    }
+    """`Confusion.rates` of the rows (scored `scores`, threshold `threshold`), plus accuracy."""
+    counts = Confusion()
+    counts.add(scores >= threshold, labels_accepted)
+    if not counts.rows:
+        return {"precision": 1.0, "recall": 1.0, "false_alarm": 0.0, "accuracy": 0.0}
+    return counts.rates() | {"accuracy": (counts.tp + counts.tn) / counts.rows}
