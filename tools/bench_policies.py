@@ -67,12 +67,11 @@ def summarize(results, cost: dict) -> dict:
     accepted = sum(r.accepted for r in rounds)
     wdt_ms = sum(r.wasted_draft_ms for r in rounds)
     draft_ms = sum(r.draft_ms for r in rounds)
-    steps = drafted  # every draft step's token is sent
-    model_cost = (steps * cost["draft_step_ms"]
+    model_cost = (drafted * cost["draft_step_ms"]
                   + len(rounds) * (cost["rtt_ms"] + cost["verify_ms"])) / committed
     return {
         "acceptance_len": accepted / len(rounds), "committed_per_round": committed / len(rounds),
-        "wasted_per_tok": (steps - accepted) / committed, "wdt_ms_per_tok": wdt_ms / committed,
+        "wasted_per_tok": (drafted - accepted) / committed, "wdt_ms_per_tok": wdt_ms / committed,
         "draft_ms_per_tok": draft_ms / committed, "rounds_per_req": len(rounds) / len(results),
         "model_cost_ms": model_cost, "tokens": [res.token_ids for res in results],
     }

@@ -47,11 +47,23 @@ class Replay:
 
     rounds: int
     steps: float  # draft steps run per round
-    drafted: float  # tokens sent per round (= steps)
     accepted: float  # accepted per round
-    committed: float  # accepted + 1 per round
-    wasted_steps: float  # steps whose token was not accepted, per round
     cost_ms: float  # per round, under the cost model
+
+    @property
+    def drafted(self) -> float:
+        """Tokens sent per round: every step's token is."""
+        return self.steps
+
+    @property
+    def committed(self) -> float:
+        """Accepted + the target's own token, per round."""
+        return self.accepted + 1.0
+
+    @property
+    def wasted_steps(self) -> float:
+        """Steps whose token was not accepted, per round."""
+        return self.steps - self.accepted
 
     def per_committed(self, cost: CostModel) -> dict[str, float]:
         c = self.committed or 1.0
@@ -64,7 +76,9 @@ class Replay:
         }
 
     def as_dict(self, cost: CostModel) -> dict:
-        out = {k: round(float(v), 4) for k, v in asdict(self).items()}
+        fields = asdict(self) | {"drafted": self.drafted, "committed": self.committed,
+                                 "wasted_steps": self.wasted_steps}
+        out = {k: round(float(v), 4) for k, v in fields.items()}
         out["per_committed"] = {k: round(v, 4) for k, v in self.per_committed(cost).items()}
         return out
 
@@ -75,22 +89,19 @@ def replay(pairs: PairSet, scores: np.ndarray, threshold: float, cost: CostModel
     starts = pairs.round_starts()  # [R + 1]
     rounds = len(starts) - 1
     if rounds == 0:
-        return Replay(0, 0.0, 0.0, 0.0, 1.0, 0.0, cost.rtt_ms + cost.verify_ms)
+        return Replay(0, 0.0, 0.0, cost.rtt_ms + cost.verify_ms)
     stop = scores >= threshold  # [N]
-    steps = np.empty(rounds)
-    drafted = np.empty(rounds)
+    steps = np.empty(rounds)  # = tokens sent
     accepted = np.empty(rounds)
     for r in range(rounds):
         lo, hi = starts[r], starts[r + 1]
         hit = np.flatnonzero(stop[lo:hi])
         k = hi - lo
         sent = int(hit[0]) + 1 if len(hit) else k
-        steps[r] = drafted[r] = sent
+        steps[r] = sent
         accepted[r] = min(sent, int(pairs.accepted[lo:hi].sum()))
-    committed = accepted + 1
     round_cost = steps * cost.draft_step_ms + cost.rtt_ms + cost.verify_ms
-    return Replay(rounds, steps.mean(), drafted.mean(), accepted.mean(), committed.mean(),
-                  (steps - accepted).mean(), round_cost.mean())
+    return Replay(rounds, steps.mean(), accepted.mean(), round_cost.mean())
 
 
 @dataclass(slots=True)
