@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,14 @@ class PredictorSlot:
     def install(self, data: bytes, source: str) -> bool:
         """True when the model at `source` now serves; False (with a warning) when it was
         refused and the last good one (or none) stays."""
+        return self._take(lambda: OnnxPredictor(data, source), source)
+
+    def install_file(self, path: str | Path) -> bool:
+        return self._take(lambda: OnnxPredictor.load(path), str(path))
+
+    def _take(self, make: Callable[[], OnnxPredictor], source: str) -> bool:
         try:
-            model = OnnxPredictor(data, source)
+            model = make()
         except PredictorError as err:
             log.warning("predictor_refused", source=source, error=str(err),
                         keeps=self.current.version if self.current else "fixed-k")
@@ -140,15 +147,6 @@ class PredictorSlot:
         log.info("predictor_installed", version=model.version, source=source,
                  previous=previous.version if previous else None, threshold=model.threshold)
         return True
-
-    def install_file(self, path: str | Path) -> bool:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            log.warning("predictor_refused", source=str(path), error=exc.strerror or str(exc),
-                        keeps=self.current.version if self.current else "fixed-k")
-            return False
-        return self.install(data, str(path))
 
     @property
     def version(self) -> str | None:
