@@ -6,8 +6,7 @@ import pytest
 
 from common.engine.inprocess import GenerationRequest, InProcessEngine
 from common.engine.policies import FixedK
-from common.models.reference import hf_greedy
-from tests.shipped import MAX_NEW, held_out_prompts, shipped_pair
+from tests.shipped import MAX_NEW, greedy_cases, shipped_pair
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +18,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def cases(pair):
-    draft, target = pair
-    prompts = held_out_prompts(target.tokenizer, per_domain=12)
-    refs = [hf_greedy(target.model, p, MAX_NEW, target.eos_token_id) for p in prompts]
-    return prompts, refs
+    return greedy_cases(per_domain=12)
 
 
 def engine(pair, k_max, draft=True, **runner_kw):

@@ -22,9 +22,8 @@ from common.engine.predictor.runtime import OnnxPredictor, PredictorSlot
 from common.engine.ucb import UcbSpecStop
 from common.errors import ErrorCode, WispError
 from common.models.loading import DEFAULT_PREDICTOR
-from common.models.reference import hf_greedy
 from common.protocol import DRAFT_FEATURES
-from tests.shipped import MAX_NEW, held_out_prompts, shipped_pair
+from tests.shipped import MAX_NEW, greedy_cases, shipped_pair
 
 F = len(DRAFT_FEATURES)
 CONF = DRAFT_FEATURES.index("confidence")
@@ -122,9 +121,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def cases(pair):
-    _, target = pair
-    prompts = held_out_prompts(target.tokenizer, per_domain=6)
-    return prompts, [hf_greedy(target.model, p, MAX_NEW, target.eos_token_id) for p in prompts]
+    return greedy_cases(per_domain=6)
 
 
 @pytest.fixture(scope="module")
