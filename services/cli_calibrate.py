@@ -1,16 +1,16 @@
 """`wisp calibrate`: profile the verifier on this machine and fit its latency estimator.
 
-    wisp calibrate [--quick] [--json] [--device cpu|cuda] [--out FILE]
+    wisp calibrate [--quick] [--json] [--device cpu|cuda] [--out FILE] [--redis-url URL]
 
 Prints the fit on held-out batch shapes (R², MAE, MAPE) and writes the coefficients to
-`.wisp/estimator/<model>@<hardware>.json` (or `--out`). See common/engine/calibrate.py.
+`.wisp/estimator/<model>@<hardware>.json` (or `--out`), and with `--redis-url` to Redis, where
+the verifiers of that model and hardware load them at start. See common/engine/calibrate.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 
@@ -24,20 +24,13 @@ def add_calibrate_parser(sub) -> None:
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", type=Path, default=None, help="coefficients file")
     cal.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def hardware_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = f"{platform.machine()}-{torch.get_num_threads()}threads"
-    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name)
+    cal.add_argument("--redis-url", default=None,
+                     help="also store the coefficients in this Redis, where verifiers of this "
+                          "model and hardware load them at start")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from common.engine.calibrate import GRID, QUICK_GRID, calibrate
+    from common.engine.calibrate import GRID, QUICK_GRID, calibrate, hardware_name
     from common.engine.verifier import VerifierCore
     from common.models.loading import DEFAULT_TARGET, load_model
     from common.models.runner_factory import make_runner
@@ -59,6 +52,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "grid": "quick" if args.quick else "full", "repeats": args.repeats,
     }
     cal.estimator.save(out, **{k: v for k, v in report.items() if k != "coefficients"})
+    if args.redis_url:
+        _store_in_redis(args.redis_url, model_name, hardware, cal.estimator, held)
+        report["redis"] = True
     if args.json:
         print(json.dumps(report))
     else:
@@ -71,3 +67,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"  fitted:   R² {fitted.r2:.4f}, MAPE {fitted.mape:.1%}\n"
               f"  written to {out}")
     return 0
+
+
+def _store_in_redis(url: str, model: str, hardware: str, est, held) -> None:
+    import asyncio
+
+    from common.transport.estimator_store import store_estimator
+    from common.transport.service import connect_redis
+
+    async def store() -> None:
+        redis = connect_redis(url)
+        try:
+            await store_estimator(redis, model, hardware, est, r2=held.r2, mae_ms=held.mae_ms)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(store())

@@ -11,12 +11,13 @@ tokens read. Fitted by least squares to profiled batches of the verifier's own h
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BatchShape", "FitReport", "LatencyEstimator", "fit", "score"]
+__all__ = ["BatchShape", "FitReport", "LatencyEstimator", "OnlineEstimator", "fit", "score"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,14 +50,32 @@ class LatencyEstimator:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def to_json(self, **meta: object) -> str:
+        """The stored form (file and Redis): {"coefficients": {a, b_compute, b_read, c}, meta}."""
+        return json.dumps({"coefficients": self.as_dict(), **meta}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LatencyEstimator:
+        """Parse the stored form; a ValueError says what is wrong with it."""
+        try:
+            data = json.loads(text)["coefficients"]
+            values = {k: float(data[k]) for k in ("a", "b_compute", "b_read", "c")}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not an estimator: {type(exc).__name__}: {exc}") from None
+        if not all(math.isfinite(v) and v >= 0 for v in values.values()):
+            raise ValueError(f"estimator coefficients must be finite and >= 0: {values}")
+        return cls(**values)
+
     def save(self, path: str | Path, **meta: object) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"coefficients": self.as_dict(), **meta}, indent=1))
+        Path(path).write_text(self.to_json(**meta))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyEstimator:
-        data = json.loads(Path(path).read_text())["coefficients"]
-        return cls(**{k: float(data[k]) for k in ("a", "b_compute", "b_read", "c")})
+        try:
+            return cls.from_json(Path(path).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def fit(shapes: list[BatchShape], times_ms: list[float]) -> LatencyEstimator:
@@ -107,3 +126,103 @@ def score(est: LatencyEstimator, shapes: list[BatchShape], times_ms: list[float]
     ss_tot = float(np.sum((y - y.mean()) ** 2)) or 1e-12
     return FitReport(r2=1.0 - ss_res / ss_tot, mae_ms=float(np.mean(np.abs(y - p))),
                      mape=float(np.mean(np.abs(y - p) / np.maximum(y, 1e-9))), n=len(y))
+
+
+# Canonical batch shapes (batch size × tokens fed × tokens cached per request) at which the
+# online refit is anchored to the scaled prior: directions the recent batches do not span
+# (e.g. no cold prefill for a while) keep the calibrated behaviour instead of extrapolating.
+_ANCHORS = tuple(BatchShape.of([(fed, cached)] * b)
+                 for b in (1, 4, 16) for fed in (1, 9, 128) for cached in (0, 128, 1024))
+
+
+class OnlineEstimator:
+    """One verifier's estimator as the scheduler keeps it: calibrated coefficients (the prior,
+    from the verifier's heartbeat) refined from the batch times the verifier reports.
+
+    Every `refit_every` observations, once `min_refit` are in the window, the estimate is
+    refitted: first `scale·prior + bias` by least squares on the window (two numbers, robust
+    with few or similar batches), then a full non-negative fit over the window plus the
+    canonical anchor shapes valued by that scaled prior (anchors weigh a quarter of the window),
+    kept only when it predicts the window better. Prediction errors (measured − predicted, of
+    the estimate in force when the batch was formed) feed the guard δ: a high quantile of them.
+    """
+
+    def __init__(self, prior: LatencyEstimator, *, window: int = 256, refit_every: int = 16,
+                 min_refit: int = 32, guard_quantile: float = 0.9):
+        if not 0.0 < guard_quantile < 1.0:
+            raise ValueError(f"guard_quantile must be within (0, 1), got {guard_quantile}")
+        self.prior = self.current = prior
+        self.window = window
+        self.refit_every = refit_every
+        self.min_refit = min_refit
+        self.guard_quantile = guard_quantile
+        self._shapes: list[BatchShape] = []
+        self._times: list[float] = []
+        self._errors: list[float] = []  # measured - predicted, ms
+        self._relative: list[float] = []  # |error| / measured
+        self.num_observed = 0
+        self.num_refits = 0
+
+    def predict(self, shape: BatchShape) -> float:
+        return self.current.predict(shape)
+
+    def observe(self, shape: BatchShape, measured_ms: float) -> float:
+        """Record a measured batch; returns its prediction error (ms, + = slower than told)."""
+        error = measured_ms - self.current.predict(shape)
+        for ring, value in ((self._shapes, shape), (self._times, measured_ms),
+                            (self._errors, error),
+                            (self._relative, abs(error) / max(measured_ms, 1e-6))):
+            ring.append(value)
+            if len(ring) > self.window:
+                del ring[0]
+        self.num_observed += 1
+        if (self.num_observed % self.refit_every == 0
+                and len(self._shapes) >= self.min_refit):
+            self._refit()
+        return error
+
+    @property
+    def guard_ms(self) -> float:
+        """δ: the `guard_quantile` of recent under-predictions (0 before any batch)."""
+        if not self._errors:
+            return 0.0
+        return max(0.0, float(np.quantile(self._errors, self.guard_quantile)))
+
+    def stats(self) -> dict[str, float]:
+        """The running prediction error over the window (what the scheduler publishes)."""
+        if not self._errors:
+            return {"n": 0, "mae_ms": 0.0, "mape": 0.0, "bias_ms": 0.0, "guard_ms": 0.0}
+        errors = np.asarray(self._errors)
+        return {"n": len(errors), "mae_ms": float(np.mean(np.abs(errors))),
+                "mape": float(np.mean(self._relative)), "bias_ms": float(np.mean(errors)),
+                "guard_ms": self.guard_ms}
+
+    def _refit(self) -> None:
+        y = np.asarray(self._times)  # [n]
+        p = np.asarray([self.prior.predict(s) for s in self._shapes])  # [n]
+        scale, bias = _scale_bias(p, y)
+        scaled = LatencyEstimator(self.prior.a * scale, self.prior.b_compute * scale,
+                                  self.prior.b_read * scale, max(0.0, self.prior.c * scale + bias))
+        best, best_err = scaled, _sse(scaled, self._shapes, y)
+        repeats = max(1, len(self._shapes) // (4 * len(_ANCHORS)))
+        anchors = list(_ANCHORS) * repeats
+        full = fit(self._shapes + anchors, list(y) + [scaled.predict(s) for s in anchors])
+        full_err = _sse(full, self._shapes, y)
+        if full_err < best_err:
+            best = full
+        self.current = best
+        self.num_refits += 1
+
+
+def _scale_bias(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """y ≈ scale·p + bias by least squares, scale clamped to [0.2, 5] (a batch 5× off the
+    calibration means the prior is for other hardware; keep the estimate sane meanwhile)."""
+    if np.ptp(p) < 1e-9:
+        return 1.0, float(np.mean(y - p))
+    scale, bias = np.polyfit(p, y, 1)
+    scale = float(np.clip(scale, 0.2, 5.0))
+    return scale, float(np.mean(y - scale * p))
+
+
+def _sse(est: LatencyEstimator, shapes: list[BatchShape], y: np.ndarray) -> float:
+    return float(np.sum((np.asarray([est.predict(s) for s in shapes]) - y) ** 2))

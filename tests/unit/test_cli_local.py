@@ -7,21 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import structlog
 
 from services.cli import main
 
 PROMPT = "def add(a, b):"
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """`main` configures logging for a process (level, stderr of the moment); put the test
-    session's back so later tests neither log into this test's closed capture nor lose
-    levels."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
 
 
 def generate(capsys, *flags: str) -> dict:

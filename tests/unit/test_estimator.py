@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.engine.calibrate import calibrate
-from common.engine.estimator import BatchShape, LatencyEstimator, fit, score
+from common.engine.estimator import BatchShape, LatencyEstimator, OnlineEstimator, fit, score
 from common.engine.verifier import VerifierCore
 from common.models.paged_runner import PagedRunner
 from services.cli import main
@@ -68,16 +68,68 @@ def test_calibration_fits_on_some_shapes_and_reports_on_the_others() -> None:
 
 
 def test_wisp_calibrate_json_reports_the_held_out_fit(capsys, tmp_path) -> None:
-    import structlog
-
-    saved = structlog.get_config()
-    try:
-        assert main(["calibrate", "--quick", "--repeats", "1", "--json",
-                     "--out", str(tmp_path / "est.json")]) == 0
-    finally:
-        structlog.configure(**saved)
+    assert main(["calibrate", "--quick", "--repeats", "1", "--json",
+                 "--out", str(tmp_path / "est.json")]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("r2", "mape", "mae_ms", "n_fit", "n_heldout", "coefficients"):
         assert key in out, key
     assert out["n_fit"] == 18 and out["n_heldout"] == 6 and out["mape"] >= 0
     assert LatencyEstimator.load(tmp_path / "est.json").as_dict() == out["coefficients"]
+
+
+# -- online refinement ------------------------------------------------------------------------
+def _random_shape(rng: np.random.Generator) -> BatchShape:
+    rows = [(int(rng.choice([1, 9, 200])), int(rng.choice([0, 100, 600])))
+            for _ in range(int(rng.integers(1, 17)))]
+    return BatchShape.of(rows)
+
+
+def test_online_estimator_learns_the_hardware_it_measures() -> None:
+    """Calibrated on other hardware (half as fast per token, a third of the overhead), it
+    converges to what the batches measure; the guard tracks recent under-predictions."""
+    rng = np.random.default_rng(1)
+    truth = LatencyEstimator(a=0.05, b_compute=1e-5, b_read=2e-4, c=3.0)
+    online = OnlineEstimator(LatencyEstimator(a=0.1, b_compute=1e-5, b_read=1e-4, c=1.0))
+    first_errors = [online.observe(s, truth.predict(s)) for s in
+                    (_random_shape(rng) for _ in range(16))]
+    assert online.num_refits == 0 and online.current == online.prior  # too few to refit
+    for _ in range(300):
+        s = _random_shape(rng)
+        online.observe(s, truth.predict(s) * rng.uniform(0.97, 1.03))
+    held = [_random_shape(rng) for _ in range(50)]
+    report = score(online.current, held, [truth.predict(s) for s in held])
+    assert report.mape < 0.05 and online.num_refits > 0
+    assert max(abs(e) for e in first_errors) > 5 * online.stats()["mae_ms"]
+    assert 0 < online.guard_ms < 0.1 * np.mean([truth.predict(s) for s in held])
+
+
+def test_online_estimator_keeps_the_calibration_where_batches_do_not_reach() -> None:
+    """Only warm batches of one shape family for a while: the refit must not extrapolate
+    wildly to a cold prefill (anchored at the scaled prior)."""
+    prior = LatencyEstimator(a=0.05, b_compute=1e-5, b_read=2e-4, c=3.0)
+    online = OnlineEstimator(prior)
+    for i in range(200):
+        s = BatchShape.of([(9, 500 + i % 3)] * 8)
+        online.observe(s, 1.1 * prior.predict(s))
+    cold = BatchShape.of([(1000, 0)])
+    assert online.predict(cold) == pytest.approx(1.1 * prior.predict(cold), rel=0.25)
+
+
+def test_online_estimator_guard_quantile_is_checked() -> None:
+    with pytest.raises(ValueError, match="guard_quantile"):
+        OnlineEstimator(LatencyEstimator(0, 0, 0, 1), guard_quantile=1.0)
+
+
+def test_estimator_json_round_trip_and_refusals(tmp_path) -> None:
+    est = LatencyEstimator(a=0.1, b_compute=0.0, b_read=0.2, c=1.5)
+    assert LatencyEstimator.from_json(est.to_json(model="m")) == est
+    for bad, why in (("{}", "not an estimator"),
+                     ('{"coefficients": {"a": 1, "b_compute": 0, "b_read": 0, "c": -1}}',
+                      "finite and >= 0"),
+                     ("not json", "not an estimator")):
+        with pytest.raises(ValueError, match=why):
+            LatencyEstimator.from_json(bad)
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    with pytest.raises(ValueError, match="broken.json"):
+        LatencyEstimator.load(path)
