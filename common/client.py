@@ -22,7 +22,10 @@ modes ``centralized`` and ``colocated``) with that inbox as reply subject, and r
   round waits, e.g. for a restarting scheduler); the client re-sends the request with
   ``resume_sid`` on a new inbox (up to ``max_resumes`` times). The new stream restarts at output index 0 and the
   client yields only the tokens it has not yielded yet, so every token is seen exactly once.
-* Errors: an ``ErrorReply`` or a ``GenerateDone`` with ``error`` raise :class:`ServerError`.
+* Errors: an ``ErrorReply`` or a ``GenerateDone`` with ``error`` raise :class:`ServerError`;
+  a session open that admission control refused raises its subclass :class:`Overloaded`,
+  whose ``retry_after_ms`` says when capacity is expected to free (the SDK does not retry it:
+  waiting or going elsewhere is the caller's call).
 
 An abandoned stream (``break`` out of the loop) keeps its inbox subscription until
 ``aclose()`` (or ``async with``) or ``Client.close()``; the edge finishes the generation
@@ -47,7 +50,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from common.errors import ErrorCode, WispError
+from common.errors import ErrorCode, WispError, describe
 from common.protocol import (
     SERVER_MODES,
     GenerateDone,
@@ -66,12 +69,14 @@ __all__ = [
     "Client",
     "Generation",
     "GenerationOutput",
+    "Overloaded",
     "RequestTimeout",
     "ServerError",
     "ServiceUnavailable",
     "SyncClient",
     "Token",
     "WispClientError",
+    "server_error",
     "subject_for_mode",
 ]
 
@@ -100,16 +105,34 @@ class RequestTimeout(WispClientError):
 
 
 class ServerError(WispClientError):
-    """The service answered with an error (``ErrorReply`` or ``GenerateDone.error``)."""
+    """The service answered with an error (``ErrorReply`` or ``GenerateDone.error``).
+    ``retry_after_ms``: when the service expects trying again to succeed (None: it did not
+    say)."""
 
-    def __init__(self, code: ErrorCode | str, message: str):
+    def __init__(self, code: ErrorCode | str, message: str, *,
+                 retry_after_ms: float | None = None):
         try:
             code = ErrorCode(code)
         except ValueError:
             message, code = f"{code}: {message}", ErrorCode.INTERNAL
-        super().__init__(f"{code}: {message}")
+        super().__init__(describe(code, message, retry_after_ms))
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class Overloaded(ServerError):
+    """Admission control refused the generation: one more session would push those already
+    admitted past their SLOs. Nothing was generated; trying again after ``retry_after_ms``
+    (or on another deployment) may succeed."""
+
+
+def server_error(code: ErrorCode | str, message: str, *,
+                 retry_after_ms: float | None = None) -> ServerError:
+    """The SDK's exception for an error a service sent: :class:`Overloaded` for
+    ``overloaded``, :class:`ServerError` for every other code."""
+    cls = Overloaded if code == ErrorCode.OVERLOADED else ServerError
+    return cls(code, message, retry_after_ms=retry_after_ms)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -279,8 +302,9 @@ class Generation:
         self._finished = True
         if done.finish_reason == "error":
             err = done.error
-            raise ServerError(err.code if err else ErrorCode.INTERNAL,
-                              err.message if err else "generation failed")
+            if err is None:
+                raise ServerError(ErrorCode.INTERNAL, "generation failed")
+            raise server_error(err.code, err.message, retry_after_ms=err.retry_after_ms)
         if done.num_tokens != self._output.num_tokens:
             log.warning("done_token_count_mismatch", sid=done.sid, done=done.num_tokens,
                         received=self._output.num_tokens)
@@ -362,7 +386,8 @@ class Generation:
             raise ServerError(ErrorCode.INTERNAL,
                               f"malformed reply from the service: {exc.message}") from None
         except WispError as exc:
-            raise ServerError(exc.code, exc.message) from None
+            raise server_error(exc.code, exc.message,
+                               retry_after_ms=exc.retry_after_ms) from None
 
     async def _unsubscribe(self) -> None:
         sub, self._sub = self._sub, None

@@ -44,11 +44,13 @@ __all__ = [
     "MODES",
     "PROB_SUM_TOL",
     "PROTOCOL_VERSION",
+    "AdmissionEvent",
     "AnyEvent",
     "BatchDone",
     "BatchEntry",
     "BatchEvent",
     "ErrorEvent",
+    "EstimatorCoefficients",
     "ErrorInfo",
     "ErrorReply",
     "GenerateDone",
@@ -61,6 +63,7 @@ __all__ = [
     "PredictorUpdated",
     "RequestEvent",
     "RoundEvent",
+    "ScheduleEvent",
     "SamplingParams",
     "SessionClose",
     "SessionClosed",
@@ -254,9 +257,29 @@ class GenerateStats(_Obj, kw_only=True):
         _at_most(self.accepted, self.drafted, "accepted", "drafted")
 
 
-class ErrorInfo(_Obj, kw_only=True):
+class ErrorInfo(_Obj, kw_only=True, omit_defaults=True):
+    """An error as it crosses the wire. ``retry_after_ms`` (overloaded): when the sender
+    expects capacity to free; left off the wire when None, so that peers built before it
+    existed still read every other error."""
+
     code: Name  # an ErrorCode value; a code this build does not know reads as INTERNAL
     message: str
+    retry_after_ms: Ms | None = None
+
+    @classmethod
+    def of(cls, err: WispError) -> ErrorInfo:
+        message = err.message
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[:MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+        return cls(code=err.code, message=message, retry_after_ms=err.retry_after_ms)
+
+    def to_error(self) -> WispError:
+        code, message = self.code, self.message
+        if code not in ErrorCode.__members__.values():
+            # A code from a newer peer: keep its words rather than calling the reply malformed.
+            return WispError(ErrorCode.INTERNAL, f"peer error {code!r}: {message}",
+                             retry_after_ms=self.retry_after_ms)
+        return WispError(ErrorCode(code), message, retry_after_ms=self.retry_after_ms)
 
 
 # -- SDK <-> edge-drafter / admission-scheduler --------------------------------------------------
@@ -362,6 +385,10 @@ class VerifyRequest(_Message, kw_only=True):
     policy: Name | None = None
     predictor_version: Name | None = None
     censored: bool = False
+    # The edge's measured round trip of its previous round (submit to verdict): with the
+    # scheduler's own residence time for that round it gives the device's network time, from
+    # which the scheduler takes its downlink estimate (DESIGN.md §6).
+    prev_rtt_ms: Ms | None = None
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
@@ -450,6 +477,16 @@ class BatchDone(_Message, kw_only=True):
     sessions: list[SessionLength] = []
 
 
+class EstimatorCoefficients(_Obj, frozen=True, kw_only=True):
+    """T̂ = a·N_linear + b_compute·N_interactions + b_read·N_cached + c (ms), DESIGN.md §6."""
+
+    a: Ms
+    b_compute: Ms
+    b_read: Ms
+    c: Ms
+    source: Name = "calibrated"  # calibrated (profiled on this hardware) | file | redis
+
+
 class Heartbeat(_Message, kw_only=True):
     verifier_id: Id
     model: Name
@@ -460,6 +497,7 @@ class Heartbeat(_Message, kw_only=True):
     num_sessions: Count
     limits: ModelLimits
     ts_ms: Finite
+    estimator: EstimatorCoefficients | None = None  # its own, loaded at start
 
     def __post_init__(self) -> None:
         _Message.__post_init__(self)
@@ -545,7 +583,36 @@ class ErrorEvent(_Event, tag="error", kw_only=True):
     sid: Id | None = None
 
 
-AnyEvent = RequestEvent | RoundEvent | VerdictEvent | BatchEvent | ErrorEvent
+class ScheduleEvent(_Event, tag="schedule", kw_only=True):
+    """One batch as the scheduler saw it: the estimator's time for it when it was formed next
+    to the verifier's measured forward, and how many of its requests met their deadlines."""
+
+    verifier_id: Id
+    batch_id: Id
+    policy: Name
+    size: Count
+    predicted_ms: Ms  # T̂ of the batch when it was formed (0: no estimator yet)
+    observed_ms: Ms  # BatchDone.batch_ms
+    guard_ms: Ms  # δ in force
+    decision_ms: Ms  # the policy's select() time
+    deadlines_met: Count  # done before its deadline (the forward's end, on the scheduler clock)
+    deadlines_missed: Count
+    late_dispatched: Count  # already past its latest start time when dispatched
+
+
+class AdmissionEvent(_Event, tag="admission", kw_only=True):
+    """A session open as admission control decided it."""
+
+    sid: Id
+    outcome: Literal["admitted", "queued", "refused"]
+    verifier_id: Id | None = None
+    predicted_round_ms: Ms = 0.0  # predicted server time of one round with this session in
+    budget_ms: Ms = 0.0  # the tightest per-round server budget it had to fit (0: no SLO)
+    retry_after_ms: Ms = 0.0
+
+
+AnyEvent = (RequestEvent | RoundEvent | VerdictEvent | BatchEvent | ErrorEvent | ScheduleEvent
+            | AdmissionEvent)
 
 
 class PredictorUpdated(_Message, kw_only=True):
@@ -563,17 +630,10 @@ class ErrorReply(_Message, kw_only=True):
 
     @classmethod
     def from_error(cls, err: WispError) -> ErrorReply:
-        message = err.message
-        if len(message) > MAX_ERROR_MESSAGE_CHARS:
-            message = message[:MAX_ERROR_MESSAGE_CHARS - 3] + "..."
-        return cls(error=ErrorInfo(code=err.code, message=message))
+        return cls(error=ErrorInfo.of(err))
 
     def to_error(self) -> WispError:
-        code, message = self.error.code, self.error.message
-        if code not in ErrorCode.__members__.values():
-            # A code from a newer peer: keep its words rather than calling the reply malformed.
-            return WispError(ErrorCode.INTERNAL, f"peer error {code!r}: {message}")
-        return WispError(ErrorCode(code), message)
+        return self.error.to_error()
 
 
 # -- codec --------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class EdgeSession:
     next_round: int = 0
     finished: bool = False
     first_token_s: float | None = None
+    last_rtt_ms: float | None = None  # the previous round's measured round trip (downlink)
     stats: GenerateStats = field(default_factory=GenerateStats)
 
     @property
@@ -148,10 +149,10 @@ class SessionCore:
             budget_ms=self.budget_ms(s, k, draft_ms), draft_ms=draft_ms,
             device_id=s.spec.device_id, policy=draft.policy if draft else None,
             predictor_version=draft.predictor_version if draft else None,
-            censored=draft.censored if draft else False)
+            censored=draft.censored if draft else False, prev_rtt_ms=s.last_rtt_ms)
         sent = self.clock()
         result = await self.verifier.submit(request)
-        rtt_ms = (self.clock() - sent) * 1e3
+        rtt_ms = s.last_rtt_ms = (self.clock() - sent) * 1e3
         if draft is not None:
             await self._apply(s, result, rtt_ms)
         s.committed.extend(result.new_tokens)
@@ -214,7 +215,7 @@ class SessionCore:
             timings=GenerateTimings(ttft_ms=ttft_ms, tpot_ms=tpot_ms,
                                     e2e_ms=(end - s.started_s) * 1e3),
             stats=s.stats,
-            error=None if error is None else ErrorInfo(code=error.code, message=error.message))
+            error=None if error is None else ErrorInfo.of(error))
 
     @staticmethod
     def request_event(s: EdgeSession, done: GenerateDone) -> RequestEvent:

@@ -5,7 +5,9 @@ and the admission-scheduler (server-side modes `centralized` and `colocated`).
 the one round loop (`common.engine.session.SessionCore`) with a NATS verify port, streams
 `TokenChunk`s to the client's inbox after each round, and ends with `GenerateDone`, a request
 event and `wisp.session.close`. The verifier commits to Redis before replying, so nothing a
-client sees is ever lost; a new edge can resume a session from Redis alone.
+client sees is ever lost; a new edge can resume a session from Redis alone. An open that fails
+(a bad request, or `overloaded`: admission control refused it) ends the stream with that
+error reply, `retry_after_ms` included; only CAPACITY and UNAVAILABLE are retried here.
 
 Transport only: retries and waiting out a restarting scheduler live in `NatsVerifyPort`, link
 emulation is a hook (`Link`) the edge-drafter supplies, and everything about a round is the
@@ -156,6 +158,10 @@ class GenerationServer:
     verify_timeout_s: float = 10.0
     verify_retries: int = 3
     unavailable_timeout_s: float = 30.0  # wait this long for a restarting scheduler
+    # A session open may wait at the scheduler for admission (its admission_wait_s) before it
+    # is admitted or refused as overloaded: a shorter timeout would re-send the open and lose
+    # the refusal (and its retry_after_ms) on the way to the client.
+    open_timeout_s: float = 30.0
     max_prompt_bytes: int = wire.MAX_PROMPT_BYTES
     emulation: Emulation | None = None  # device emulation (the edge-drafter's profiles)
     # While a round waits (for a busy or restarting scheduler), an empty chunk this often tells
@@ -268,7 +274,7 @@ class GenerationServer:
         opened = await nats_request(
             self.nc, SESSION_OPEN, wire.SessionOpen(spec=spec, prompt_ids=prompt_ids,
                                                     vocab=self.limits.vocab),
-            wire.SessionOpened, timeout_s=self.verify_timeout_s, retries=self.verify_retries,
+            wire.SessionOpened, timeout_s=self.open_timeout_s, retries=self.verify_retries,
             unavailable_timeout_s=self.unavailable_timeout_s)
         if drafting:
             await self.drafter.open(spec, prompt_ids, policy)

@@ -81,6 +81,15 @@ MESSAGES = [
                 num_linear=9, num_interactions=180, num_cached=34,
                 sessions=[p.SessionLength(sid=SID, committed_len=20, cached_len=19)]),
     HEARTBEAT,
+    p.Heartbeat(verifier_id="verifier-1", model="tiny-target", hardware="x86_64-2threads",
+                free_blocks=0, total_blocks=0, block_size=1, num_sessions=0,
+                limits=HEARTBEAT.limits, ts_ms=0.0,
+                estimator=p.EstimatorCoefficients(a=0.03, b_compute=1e-4, b_read=3e-3, c=0.6)),
+    p.ScheduleEvent(ts_ms=0.0, verifier_id="v0", batch_id="b", policy="wisp", size=3,
+                    predicted_ms=4.2, observed_ms=4.0, guard_ms=0.3, decision_ms=0.05,
+                    deadlines_met=2, deadlines_missed=1, late_dispatched=1),
+    p.AdmissionEvent(ts_ms=0.0, sid=SID, outcome="refused", verifier_id="v0",
+                     predicted_round_ms=80.0, budget_ms=60.0, retry_after_ms=1500.0),
     p.RequestEvent(ts_ms=1.7e12, sid=SID, mode="sled", num_tokens=8, timings=DONE.timings,
                    slo=None, stats=DONE.stats, finish_reason="eos"),
     p.RoundEvent(ts_ms=1.7e12, sid=SID, mode="wisp", round=2, drafted=4, accepted=3,
@@ -472,6 +481,34 @@ def test_error_reply_truncates_long_messages():
     data = p.error_reply(WispError(ErrorCode.INTERNAL, "x" * 10_000))
     message = msgspec.msgpack.decode(data)["error"]["message"]
     assert len(message) == p.MAX_ERROR_MESSAGE_CHARS and message.endswith("...")
+
+
+def test_error_replies_carry_retry_after_ms():
+    err = WispError(ErrorCode.OVERLOADED, "x" * 10_000, retry_after_ms=1500.0)
+    data = p.error_reply(err)
+    assert msgspec.msgpack.decode(data)["error"]["retry_after_ms"] == 1500.0
+    with pytest.raises(WispError) as info:
+        p.decode_reply(p.SessionOpened, data)
+    assert info.value.code is ErrorCode.OVERLOADED and info.value.retry_after_ms == 1500.0
+    assert len(info.value.message) == p.MAX_ERROR_MESSAGE_CHARS  # cut, hint kept
+    assert "(retry after 1500 ms)" in str(info.value)
+    # In a GenerateDone too, and from a code this build does not know.
+    info_ = p.ErrorInfo(code="from_the_future", message="m", retry_after_ms=7.0)
+    assert p.decode(p.GenerateDone, p.encode(p.GenerateDone(
+        sid=SID, finish_reason="error", num_tokens=0, timings=DONE.timings,
+        stats=p.GenerateStats(), error=info_))).error == info_
+    assert info_.to_error().code is ErrorCode.INTERNAL and info_.to_error().retry_after_ms == 7.0
+
+
+def test_retry_after_ms_is_left_off_the_wire_when_absent_and_checked_when_present():
+    # Absent, an error reply is byte for byte what peers built before the field read.
+    assert "retry_after_ms" not in msgspec.msgpack.decode(
+        p.error_reply(WispError(ErrorCode.CAPACITY, "full")))["error"]
+    assert WispError(ErrorCode.CAPACITY, "full").retry_after_ms is None
+    negative = with_fields(p.ErrorReply(error=p.ErrorInfo(code="overloaded", message="m")),
+                           error={"code": "overloaded", "message": "m", "retry_after_ms": -1.0})
+    with pytest.raises(p.MalformedReply, match=r"at `\$.error.retry_after_ms`"):
+        p.decode_reply(p.SessionOpened, negative)
 
 
 def test_new_sid_is_128_bit_and_safe():
