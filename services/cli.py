@@ -5,6 +5,7 @@
     wisp generate --local "PROMPT"    draft + verify in this process, no services
     wisp predictor collect|train      the rejection predictor's data and model (WISP)
     wisp calibrate [--json]           fit the verifier's latency estimator on this machine
+    wisp bench scheduler [--json]     time the batch policies' selection over a synthetic queue
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-new-tokens", type=int, default=48, help="for --demo")
     up.add_argument("--exit-after-demo", action="store_true",
                     help="stop the stack after the demo instead of serving until Ctrl-C")
+    from services.cli_bench import add_bench_parser
     from services.cli_calibrate import add_calibrate_parser
     from services.cli_predictor import add_predictor_parser
 
     add_predictor_parser(sub)
     add_calibrate_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -267,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             from services.cli_calibrate import cmd_calibrate
 
             return cmd_calibrate(args)
+        if args.command == "bench":
+            from services.cli_bench import cmd_bench
+
+            return cmd_bench(args)
         if args.command == "predictor":
             from services.cli_predictor import cmd_predictor
 

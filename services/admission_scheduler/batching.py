@@ -16,8 +16,19 @@ Rules every policy keeps:
   done, heartbeat), at the selection's ``wake_at_ms`` if it gives one (e.g. the earliest latest
   start time of a request it holds back), and on its periodic check.
 
+Every policy also keeps two more rules (docs/scheduler.md):
+* the KV budget: a batch's KV claim (`kv_claim`, blocks its entries' new tokens take) stays
+  within ``VerifierState.kv_budget_blocks`` when that is known; an entry whose claim alone is
+  over the budget runs alone, and only on an idle verifier (it evicts idle sessions or answers
+  a retryable CAPACITY), else it is held;
+* the starvation count: when it returns a batch, a policy adds one to ``passes`` of every entry
+  it leaves queued (`pass_over`); the deadline-aware policies put entries passed over
+  ``starvation_passes`` times first.
+
 A policy is built from the scheduler's config by its own ``from_config``: each reads the fields
-it needs, so adding a policy touches neither the scheduler nor the others.
+it needs, so adding a policy touches neither the scheduler nor the others. FCFS lives here; the
+deadline-aware policies (``edf``, ``wisp``) in `deadline_policies`, which registers them in
+`POLICIES` on import (done at the end of this module).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from common.engine.estimator import BatchShape, LatencyEstimator
 from common.protocol import BatchDone, ModelLimits, Slo, VerifyRequest
 
 __all__ = [
@@ -36,7 +48,12 @@ __all__ = [
     "PendingVerify",
     "Selection",
     "VerifierState",
+    "count_late",
+    "entry_kv_claim",
+    "estimator_terms",
+    "kv_claim",
     "make_policy",
+    "pass_over",
 ]
 
 
@@ -51,6 +68,8 @@ class PendingVerify:
     slo: Slo | None = None
     num_new: int = 0  # tokens the round feeds (uncached committed tokens + the draft)
     num_cached: int = 0  # cached tokens it reads
+    passes: int = 0  # batches formed for its verifier without it (the starvation bound)
+    mode: str = ""  # the session's mode ("auto" picks a policy by the modes queued)
 
     @property
     def sid(self) -> str:
@@ -80,12 +99,64 @@ class VerifierState:
     limits: ModelLimits | None = None
     batches_in_flight: int = 0
     recent_done: tuple[BatchDone, ...] = field(default=())  # oldest first (estimator feedback)
+    # The verifier's latency estimator as refined so far (None: it advertised none) and the
+    # guard δ (ms) from its observed prediction error.
+    estimator: LatencyEstimator | None = None
+    guard_ms: float = 0.0
+    # KV blocks a new batch may claim: free blocks plus those of this verifier's idle sessions
+    # (it evicts them, least recently used first), less what batches in flight claimed.
+    # None: unknown (no heartbeat with block counts yet).
+    kv_budget_blocks: int | None = None
 
 
 @dataclass(slots=True)
 class Selection:
     entries: list[PendingVerify]
     wake_at_ms: float | None = None  # ask again at this time even if nothing else happens
+    late: int = 0  # selected entries already past their latest start time (served anyway)
+
+
+def kv_claim(entries: Sequence[PendingVerify], block_size: int) -> int:
+    """KV blocks `entries` need beyond those their sessions hold: for each, the blocks of its
+    cached + fed tokens less the blocks of its cached ones."""
+    return sum(entry_kv_claim(e, block_size) for e in entries)
+
+
+def entry_kv_claim(entry: PendingVerify, block_size: int) -> int:
+    """`kv_claim` of one entry (the last cached block's free slots are filled first)."""
+    size = max(1, block_size)
+    return -(-(entry.num_cached + entry.num_new) // size) - -(-entry.num_cached // size)
+
+
+def estimator_terms(estimator: Any) -> tuple[float, float, float, float]:
+    """(a, b_compute, b_read, c) of an estimator: read off a `LatencyEstimator` (or an online
+    one's ``current``), else found by predicting the unit shapes (the model is affine)."""
+    est = getattr(estimator, "current", estimator)
+    if isinstance(est, LatencyEstimator):
+        return est.a, est.b_compute, est.b_read, est.c
+    c = estimator.predict(BatchShape(0, 0, 0))
+    return (estimator.predict(BatchShape(1, 0, 0)) - c, estimator.predict(BatchShape(0, 1, 0)) - c,
+            estimator.predict(BatchShape(0, 0, 1)) - c, c)
+
+
+def count_late(chosen: Sequence[PendingVerify], now_ms: float, verifier: VerifierState) -> int:
+    """Entries of `chosen` past their latest start time (deadline − T̂ alone − δ) at `now_ms`;
+    0 without an estimator (unknown)."""
+    if verifier.estimator is None:
+        return 0
+    a, b, r, c = estimator_terms(verifier.estimator)
+    offset = now_ms + c + verifier.guard_ms
+    return sum(1 for e in chosen
+               if e.deadline_ms - ((a + b * (e.num_new + e.num_cached)) * e.num_new
+                                   + r * e.num_cached) < offset)
+
+
+def pass_over(queue: Sequence[PendingVerify], chosen: Sequence[PendingVerify]) -> None:
+    """Count one more batch formed without each queued entry that is not in `chosen`."""
+    for entry in queue:
+        entry.passes += 1
+    for entry in chosen:  # they leave the queue; undoing is cheaper than a membership test
+        entry.passes -= 1
 
 
 class BatchPolicy(ABC):
@@ -106,7 +177,9 @@ class FCFSPolicy(BatchPolicy):
     """First come, first served: entries in arrival order until `max_batch_size` entries or
     `max_batch_tokens` tokens (Σ draft + 1). The first entry always goes, so a request larger
     than the token cap runs alone rather than never. An entry that does not fit ends the batch
-    (no overtaking); only a second round of a sid already in the batch is skipped over."""
+    (no overtaking); only a second round of a sid already in the batch is skipped over. The KV
+    budget ends the batch the same way; a first entry over the budget alone runs alone on an
+    idle verifier and holds the queue while a batch is in flight."""
 
     name = "fcfs"
 
@@ -127,6 +200,8 @@ class FCFSPolicy(BatchPolicy):
         batch: list[PendingVerify] = []
         sids: set[str] = set()
         num_tokens = 0
+        budget = verifier.kv_budget_blocks
+        claimed = 0
         for entry in queue:
             if len(batch) >= self.max_batch_size:
                 break
@@ -134,10 +209,21 @@ class FCFSPolicy(BatchPolicy):
                 continue
             if batch and num_tokens + entry.num_tokens > self.max_batch_tokens:
                 break
+            if budget is not None:
+                claim = entry_kv_claim(entry, verifier.block_size)
+                if claimed + claim > budget:
+                    if batch or verifier.batches_in_flight:
+                        break
+                    batch.append(entry)  # over the budget alone: alone, on an idle verifier
+                    break
+                claimed += claim
             batch.append(entry)
             sids.add(entry.sid)
             num_tokens += entry.num_tokens
-        return Selection(batch)
+        if not batch:
+            return Selection([])
+        pass_over(queue, batch)
+        return Selection(batch, late=count_late(batch, now_ms, verifier))
 
 
 POLICIES: dict[str, type[BatchPolicy]] = {FCFSPolicy.name: FCFSPolicy}
@@ -150,3 +236,8 @@ def make_policy(name: str, config: Any) -> BatchPolicy:
         raise ValueError(f"unknown batch policy {name!r}; choose one of "
                          f"{', '.join(sorted(POLICIES))}") from None
     return cls.from_config(config)
+
+
+# Registers the deadline-aware policies in POLICIES (they import this module's interface, so the
+# import comes last; importing either module first ends with both registered).
+from services.admission_scheduler import deadline_policies as _deadline_policies  # noqa: E402, F401, I001

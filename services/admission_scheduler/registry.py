@@ -28,8 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.engine.estimator import BatchShape, LatencyEstimator, OnlineEstimator
 from common.limits import mismatch
-from common.protocol import BatchDone, Heartbeat, ModelLimits
+from common.protocol import BatchDone, EstimatorCoefficients, Heartbeat, ModelLimits
 from services.admission_scheduler.batching import PendingVerify, VerifierState
 from services.admission_scheduler.sessions import SessionEntry, SessionTable
 
@@ -43,6 +44,12 @@ class InFlightBatch:
     batch_id: str
     entries: list[PendingVerify]
     started_ms: float
+    predicted_ms: float = 0.0  # T̂ when it was formed (0: no estimator)
+    guard_ms: float = 0.0
+    decision_ms: float = 0.0  # the policy's select() time
+    late: int = 0  # entries already past their latest start time when it was formed
+    policy: str = ""  # the batch policy that formed it
+    kv_claim: int = 0  # KV blocks its entries claim beyond what they held
 
 
 @dataclass(slots=True)
@@ -62,13 +69,9 @@ class VerifierInfo:
     queue: list[PendingVerify] = field(default_factory=list)
     in_flight: dict[str, InFlightBatch] = field(default_factory=dict)  # by batch id, oldest first
     recent_done: deque[BatchDone] = field(default_factory=lambda: deque(maxlen=DONE_HISTORY))
-
-    def state(self) -> VerifierState:
-        return VerifierState(verifier_id=self.verifier_id, model=self.model,
-                             hardware=self.hardware, free_blocks=self.free_blocks,
-                             total_blocks=self.total_blocks, block_size=self.block_size,
-                             limits=self.limits, batches_in_flight=len(self.in_flight),
-                             recent_done=tuple(self.recent_done))
+    # Its latency estimator: the coefficients it advertises, refined from its batch times.
+    advertised: EstimatorCoefficients | None = None
+    estimator: OnlineEstimator | None = None
 
     def can_serve(self, entry: SessionEntry | None) -> bool:
         if entry is None or entry.spec is None or self.limits is None:
@@ -89,7 +92,8 @@ class Death:
 
 class VerifierRegistry:
     def __init__(self, heartbeat_timeout_s: float = 3.0, batch_timeout_s: float = 30.0,
-                 now_ms: float = 0.0):
+                 now_ms: float = 0.0, guard_quantile: float = 0.9):
+        self.guard_quantile = guard_quantile
         self.heartbeat_timeout_ms = heartbeat_timeout_s * 1e3
         self.batch_timeout_ms = batch_timeout_s * 1e3
         self.started_ms = now_ms
@@ -115,7 +119,45 @@ class VerifierRegistry:
         v.free_blocks, v.total_blocks = hb.free_blocks, hb.total_blocks
         v.block_size, v.limits = hb.block_size, hb.limits
         v.reported_sessions = hb.num_sessions
+        if hb.estimator is not None and hb.estimator != v.advertised:
+            # A (re)started verifier with new coefficients: refine from them afresh.
+            v.advertised = hb.estimator
+            v.estimator = OnlineEstimator(
+                LatencyEstimator(hb.estimator.a, hb.estimator.b_compute, hb.estimator.b_read,
+                                 hb.estimator.c), guard_quantile=self.guard_quantile)
         return joined
+
+    def state(self, vid: str) -> VerifierState:
+        """What `vid`'s batch policy may know of it now."""
+        v = self.verifiers[vid]
+        est = v.estimator
+        return VerifierState(verifier_id=vid, model=v.model, hardware=v.hardware,
+                             free_blocks=v.free_blocks, total_blocks=v.total_blocks,
+                             block_size=v.block_size, limits=v.limits,
+                             batches_in_flight=len(v.in_flight),
+                             recent_done=tuple(v.recent_done),
+                             estimator=est.current if est is not None else None,
+                             guard_ms=est.guard_ms if est is not None else 0.0,
+                             kv_budget_blocks=self.kv_budget(vid))
+
+    def kv_budget(self, vid: str) -> int | None:
+        """KV blocks a new batch of `vid` may claim: its free blocks (last heartbeat), plus
+        those of its sessions with nothing queued or in flight (the verifier evicts those, least
+        recently used first), less what its batches in flight claim. None when it reports no
+        block counts (a runner without a paged cache)."""
+        v = self.verifiers[vid]
+        if v.total_blocks <= 0:
+            return None
+        busy = {e.sid for e in v.queue}
+        busy.update(e.sid for b in v.in_flight.values() for e in b.entries)
+        size = max(1, v.block_size)
+        idle = 0
+        for sid in self.sessions.sids_of(vid):
+            if sid not in busy:
+                entry = self.sessions.get(sid)
+                idle += -(-entry.cached_len // size) if entry is not None else 0
+        claimed = sum(b.kv_claim for b in v.in_flight.values())
+        return max(0, v.free_blocks + idle - claimed)
 
     def is_alive(self, vid: str) -> bool:
         v = self.verifiers.get(vid)
@@ -239,6 +281,9 @@ class VerifierRegistry:
         if done is not None:
             v.recent_done.append(done)
             self.sessions.report(done)
+            if v.estimator is not None and batch_id in v.in_flight:
+                v.estimator.observe(BatchShape(done.num_linear, done.num_interactions,
+                                               done.num_cached), done.batch_ms)
         finished = v.in_flight.pop(batch_id, None)
         if finished is None:
             v.stuck_batch_ids.discard(batch_id)  # came unstuck: its next heartbeat revives it
@@ -278,6 +323,11 @@ class VerifierRegistry:
                 "k_max": v.limits.k_max if v.limits else None,
                 "sessions": self.num_sessions(vid), "reported_sessions": v.reported_sessions,
                 "queue_depth": len(v.queue),
+                "estimator": None if v.estimator is None else {
+                    "advertised": v.advertised.source if v.advertised else None,
+                    "coefficients": v.estimator.current.as_dict(),
+                    "refits": v.estimator.num_refits,
+                    **{k: round(x, 4) for k, x in v.estimator.stats().items()}},
                 "in_flight": [{"batch_id": b.batch_id, "size": len(b.entries),
                                "age_ms": round(now_ms - b.started_ms, 1)}
                               for b in v.in_flight.values()],

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from common.config import BaseConfig
+from common.engine.estimator import BatchShape
 from common.errors import ErrorCode, WispError
 from common.limits import check_ids, mismatch
 from common.protocol import (
@@ -50,6 +52,7 @@ from common.protocol import (
     GenerateRequest,
     Heartbeat,
     ModelLimits,
+    ScheduleEvent,
     SessionClose,
     SessionClosed,
     SessionOpen,
@@ -75,7 +78,20 @@ from common.subjects import (
     verifier_batch,
 )
 from common.transport.service import Service, publish_event
-from services.admission_scheduler.batching import POLICIES, PendingVerify, make_policy
+from services.admission_scheduler.admission import (
+    AdmissionController,
+    AdmissionDecision,
+    AdmittedSession,
+    Candidate,
+)
+from services.admission_scheduler.batching import (
+    POLICIES,
+    BatchPolicy,
+    PendingVerify,
+    kv_claim,
+    make_policy,
+)
+from services.admission_scheduler.downlink import DownlinkEstimator
 from services.admission_scheduler.registry import VerifierRegistry
 
 log = structlog.get_logger(__name__)
@@ -87,6 +103,12 @@ SWEEP_INTERVAL_S = 60.0  # forget idle sessions, trim stale deadline members
 DEADLINE_RETENTION_MS = 600_000.0  # members this far past their deadline are leftovers
 SERVER_DEVICE_ID = "server"  # device id of server-side (centralized/colocated) sessions
 DRAFTER_K_MAX = 16  # the server drafter's upper bound on k (a session may ask for less)
+ADMISSION_MODES = ("off", "reject", "queue")
+# The batch policy each mode is served with under policy "auto": WISP's modes get its SLO-aware
+# scheduler, the baselines keep SLED's first come, first served.
+MODE_POLICIES = {"wisp": "wisp", "ucb": "wisp", "sled": "fcfs", "centralized": "fcfs",
+                 "colocated": "fcfs"}
+POLICY_PRECEDENCE = ("wisp", "edf", "fcfs")
 
 def _default_target() -> str:
     from common.models.loading import DEFAULT_TARGET  # imports torch: only when needed
@@ -103,12 +125,22 @@ class SchedulerConfig(BaseConfig):
     max_batch_size: int = 32
     max_batch_tokens: int = 8192  # Σ (drafted + 1) over a batch; a lone larger request runs alone
     max_batches_in_flight: int = 1  # per verifier (it queues them); 2+ hides the dispatch gap
-    policy: str = "fcfs"
+    policy: str = "auto"  # auto (by the queued sessions' modes) | fcfs | edf | wisp
+    starvation_passes: int = 8  # batches that may pass a request over before it goes first
+    guard_quantile: float = 0.9  # δ = this quantile of the estimator's recent under-predictions
     default_k_max: int = 8  # server-side modes, when the request gives none
     max_prompt_tokens: int = 0  # server-side modes; 0: half the target's context
     draft_model: str = ""  # "" disables the colocated mode
     target_model: str = field(default_factory=_default_target)  # tokenizer of server-side modes
-    downlink_ms: float = 0.0  # downlink estimate subtracted from edge budgets
+    downlink_ms: float = 0.0  # downlink estimate of a device before its round trips are known
+    downlink_quantile: float = 0.9  # of a device's measured network round trips
+    admission: str = "reject"  # off | reject (overloaded + retry_after_ms) | queue (then reject)
+    admission_queue: int = 64  # opens that may wait for capacity (admission = queue)
+    admission_wait_s: float = 10.0  # how long one may wait before it is refused
+    max_sessions_per_verifier: int = 0  # a hard cap besides the estimate; 0: none
+    # Share of an SLO's per-round time (k + 1)·TPOT, and of its TTFT, taken as the server's
+    # until a session's own budget is observed (server-side modes: all of it).
+    admission_server_share: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_timeout_s", "batch_timeout_s"):
@@ -122,9 +154,24 @@ class SchedulerConfig(BaseConfig):
         if self.max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got "
                              f"{self.max_batches_in_flight}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of "
+        if self.policy != "auto" and self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose auto or one of "
                              f"{', '.join(sorted(POLICIES))}")
+        if self.starvation_passes < 1:
+            raise ValueError(f"starvation_passes must be >= 1, got {self.starvation_passes}")
+        for name in ("guard_quantile", "downlink_quantile"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be within (0, 1), got {getattr(self, name)!r}")
+        if self.admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_MODES)}, "
+                             f"got {self.admission!r}")
+        if self.admission_queue < 0 or self.max_sessions_per_verifier < 0:
+            raise ValueError("admission_queue and max_sessions_per_verifier must be >= 0")
+        if not 0.0 < self.admission_server_share <= 1.0:
+            raise ValueError(f"admission_server_share must be within (0, 1], got "
+                             f"{self.admission_server_share!r}")
+        if not self.admission_wait_s > 0:
+            raise ValueError(f"admission_wait_s must be > 0, got {self.admission_wait_s!r}")
         if not 1 <= self.default_k_max <= MAX_DRAFT_TOKENS:
             raise ValueError(f"default_k_max must be within [1, {MAX_DRAFT_TOKENS}], "
                              f"got {self.default_k_max}")
@@ -143,9 +190,21 @@ class SchedulerService(Service):
     def __init__(self, config: SchedulerConfig):
         super().__init__()
         self.config = config
-        self.policy = make_policy(config.policy, config)
+        # "auto": each mode's own policy (MODE_POLICIES); one queue holding several modes
+        # is batched by the most deadline-aware of theirs.
+        names = sorted(set(MODE_POLICIES.values())) if config.policy == "auto" else [
+            config.policy]
+        self.policies = {name: make_policy(name, config) for name in names}
         self.registry = VerifierRegistry(config.heartbeat_timeout_s, config.batch_timeout_s,
-                                         now_ms())
+                                         now_ms(), guard_quantile=config.guard_quantile)
+        self.downlink = DownlinkEstimator(config.downlink_ms, config.downlink_quantile)
+        self.admission = AdmissionController(
+            server_share=config.admission_server_share,
+            max_sessions_per_verifier=config.max_sessions_per_verifier,
+            batches_in_flight=config.max_batches_in_flight)
+        self._room = asyncio.Event()  # set when a close or a done may have made room
+        self._opens_waiting = 0
+        self._queued_opens: set[asyncio.Task] = set()
         self.counters: Counter[str] = Counter()
         self.store: SessionStore | None = None
         self._subs: dict[str, Subscription] = {}
@@ -180,7 +239,7 @@ class SchedulerService(Service):
                                                  cb=self._guard(key, handler))
         self._check_task = asyncio.create_task(self._check_loop(), name="scheduler-check")
         self._ready = True
-        log.info("scheduler_started", policy=self.policy.name,
+        log.info("scheduler_started", policy=self.config.policy, policies=sorted(self.policies),
                  server_side=self._server is not None,
                  colocated=bool(self.config.draft_model))
 
@@ -197,7 +256,7 @@ class SchedulerService(Service):
             while self.registry.has_pending_work():
                 await asyncio.sleep(0.05)
         finally:
-            for task in self._generations:
+            for task in (*self._generations, *self._queued_opens):
                 task.cancel()
             if self._check_task is not None:
                 self._check_task.cancel()
@@ -217,6 +276,9 @@ class SchedulerService(Service):
         async def verifiers(_: web.Request) -> web.Response:
             snapshot = self.registry.snapshot(now_ms())
             snapshot["counters"] = dict(self.counters)
+            snapshot["policy"] = self.config.policy
+            snapshot["downlink"] = {"devices": len(self.downlink),
+                                    "recent": self.downlink.snapshot()}
             return web.json_response(snapshot)
 
         return [web.get("/verifiers", verifiers)]
@@ -266,10 +328,57 @@ class SchedulerService(Service):
 
     async def _on_open(self, msg: Msg) -> None:
         req = decode(SessionOpen, msg.data)
-        spec = req.spec
-        structlog.contextvars.bind_contextvars(sid=spec.sid)
+        structlog.contextvars.bind_contextvars(sid=req.spec.sid)
         check_ids(req.prompt_ids, req.vocab.size, "prompt")
         vid = self._place(req)
+        cfg = self.config
+        decision = None if cfg.admission == "off" else self._decide(req, vid)
+        if decision is not None and not decision.admit:
+            if cfg.admission == "queue" and self._opens_waiting < cfg.admission_queue:
+                # Waits in its own task: NATS runs this subscription's callbacks one at a
+                # time, and the opens behind this one must not wait with it.
+                self._opens_waiting += 1
+                self.counters["admission_queued"] += 1
+                await publish_event(self.nc, decision.event(
+                    sid=req.spec.sid, ts_ms=now_ms(), verifier_id=vid, outcome="queued"))
+                task = asyncio.create_task(self._guard("open", lambda m: self._open_queued(
+                    req, m))(msg), name=f"open-{req.spec.sid}")
+                self._queued_opens.add(task)
+                task.add_done_callback(self._queued_opens.discard)
+                return
+            await self._refuse(req, vid, decision)
+        await self._open_on(req, vid, decision, msg.reply)
+
+    async def _open_queued(self, req: SessionOpen, msg: Msg) -> None:
+        """An open admission control queued: decided again whenever a close or a batch may
+        have made room, until `admission_wait_s` has passed."""
+        try:
+            deadline = time.monotonic() + self.config.admission_wait_s
+            vid = self._place(req)
+            decision = self._decide(req, vid)
+            while not decision.admit and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), left)
+                self._room.clear()
+                vid = self._place(req)
+                decision = self._decide(req, vid)
+        finally:
+            self._opens_waiting -= 1
+        if not decision.admit:
+            await self._refuse(req, vid, decision)
+        await self._open_on(req, vid, decision, msg.reply)
+
+    async def _refuse(self, req: SessionOpen, vid: str, decision: AdmissionDecision) -> None:
+        self.counters["admission_refused"] += 1
+        await publish_event(self.nc, decision.event(sid=req.spec.sid, ts_ms=now_ms(),
+                                                    verifier_id=vid))
+        raise WispError(ErrorCode.OVERLOADED, decision.reason,
+                        retry_after_ms=decision.retry_after_ms)
+
+    async def _open_on(self, req: SessionOpen, vid: str, decision: AdmissionDecision | None,
+                       reply: str | None) -> None:
+        """Open the admitted session on `vid`: the session table, Redis, the reply."""
+        spec = req.spec
         now = now_ms()
         self.registry.assign(spec.sid, vid, now, spec=spec, vocab=req.vocab,
                              prompt_len=len(req.prompt_ids),
@@ -282,11 +391,40 @@ class SchedulerService(Service):
             self.registry.forget(spec.sid)
             raise
         self.counters["sessions_opened"] += 1
+        if decision is not None:
+            self.counters["admission_admitted"] += 1
+            await publish_event(self.nc, decision.event(sid=spec.sid, ts_ms=now,
+                                                        verifier_id=vid))
         log.info("session_opened", verifier=vid, mode=spec.mode,
-                 prompt_tokens=len(req.prompt_ids))
-        if msg.reply:
-            await self._publish(msg.reply, encode(SessionOpened(
+                 prompt_tokens=len(req.prompt_ids),
+                 predicted_round_ms=round(decision.predicted_round_ms, 2) if decision else None)
+        if reply:
+            await self._publish(reply, encode(SessionOpened(
                 sid=spec.sid, verifier_id=vid, committed_len=len(req.prompt_ids))))
+
+    def _decide(self, req: SessionOpen, vid: str) -> AdmissionDecision:
+        """Admission's verdict on `req` joining `vid` at its current load."""
+        admitted = []
+        for sid in self.registry.sessions.sids_of(vid):
+            e = self.registry.sessions.get(sid)
+            if e is None or e.spec is None or sid == req.spec.sid:
+                continue
+            remaining = e.spec.max_new_tokens - (e.committed_len - e.prompt_len)
+            if remaining <= 0:
+                continue  # finished, not yet closed: it asks for no more rounds
+            admitted.append(AdmittedSession(
+                k=e.spec.k_max, context_len=e.committed_len, remaining_tokens=remaining,
+                slo=e.spec.slo, server_budget_ms=e.server_budget_ms,
+                tokens_per_round=e.tokens_per_round or None,
+                server_share=1.0 if e.spec.mode in SERVER_MODES else None, sid=sid))
+        spec = req.spec
+        candidate = Candidate(prompt_len=len(req.prompt_ids), k=spec.k_max,
+                              max_new_tokens=spec.max_new_tokens, slo=spec.slo,
+                              server_share=1.0 if spec.mode in SERVER_MODES else None)
+        est = self.registry.verifiers[vid].estimator
+        return self.admission.decide(candidate, admitted,
+                                     est.current if est is not None else None,
+                                     est.guard_ms if est is not None else 0.0)
 
     def _place(self, req: SessionOpen) -> str:
         """The verifier for a new session: the best live one whose limits (vocabulary, k_max,
@@ -310,6 +448,7 @@ class SchedulerService(Service):
         structlog.contextvars.bind_contextvars(sid=req.sid)
         await self.store.close(req.sid)  # a no-op for a session that is already gone
         self.registry.forget(req.sid)
+        self._room.set()
         self.counters["sessions_closed"] += 1
         log.info("session_closed")
         if msg.reply:
@@ -329,12 +468,20 @@ class SchedulerService(Service):
                             f"draft has {len(req.draft_ids)} tokens; the session's k_max is "
                             f"{entry.spec.k_max}")
         arrival = now_ms()
-        deadline = await self._deadline(req, arrival)
-        num_new, num_cached = self.registry.sessions.round_shape(req.sid, req.base_len,
-                                                                 len(req.draft_ids))
+        sessions = self.registry.sessions
+        if req.prev_rtt_ms is not None:
+            server_ms = sessions.round_server_ms(entry, req.round - 1)
+            if server_ms is not None:
+                self.downlink.observe(req.device_id, req.prev_rtt_ms - server_ms)
+        downlink = self.downlink.estimate(req.device_id)
+        deadline = await self._deadline(req, arrival, downlink)
+        # Round 0's budget is what the TTFT left, not a round's share of the TPOT.
+        sessions.submitted(entry, req.round, arrival, req.budget_ms - downlink
+                           if entry.spec.slo is not None and req.round > 0 else None)
+        num_new, num_cached = sessions.round_shape(req.sid, req.base_len, len(req.draft_ids))
         pending = PendingVerify(request=req, reply_to=msg.reply, arrival_ms=arrival,
                                 deadline_ms=deadline, slo=entry.spec.slo, num_new=num_new,
-                                num_cached=num_cached)
+                                num_cached=num_cached, mode=entry.spec.mode)
         vid, moved = self.registry.enqueue(pending, arrival)
         self.counters["verify_requests"] += 1
         if moved:
@@ -362,11 +509,12 @@ class SchedulerService(Service):
                                     prompt_len=record.prompt_len,
                                     committed_len=record.committed_len)
 
-    async def _deadline(self, req: VerifyRequest, arrival_ms: float) -> float:
-        """arrival + budget - downlink estimate, on this clock; a retried round (also after a
-        scheduler restart) keeps the deadline of its first submit, kept in wisp:deadlines."""
+    async def _deadline(self, req: VerifyRequest, arrival_ms: float, downlink_ms: float) -> float:
+        """arrival + budget - the device's downlink estimate, on this clock; a retried round
+        (also after a scheduler restart) keeps the deadline of its first submit, kept in
+        wisp:deadlines."""
         member = deadline_member(req.sid, req.round)
-        deadline = arrival_ms + req.budget_ms - self.config.downlink_ms
+        deadline = arrival_ms + req.budget_ms - downlink_ms
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(DEADLINES_KEY, {member: deadline}, nx=True)
             pipe.zscore(DEADLINES_KEY, member)
@@ -378,8 +526,25 @@ class SchedulerService(Service):
         finished = self.registry.finish_batch(done.verifier_id, done.batch_id, done)
         if finished is None:
             return  # another scheduler's batch, or one re-run elsewhere after a death
+        now = now_ms()
         self.counters["batches_done"] += 1
+        self._room.set()
         await self._dispatch(done.verifier_id)
+        met = 0
+        for e in finished.entries:
+            met += now <= e.deadline_ms
+            entry = self.registry.sessions.get(e.sid)
+            if entry is not None and entry.last_round == e.request.round:
+                entry.round_done_ms = now
+        missed = len(finished.entries) - met
+        self.counters["deadlines_met"] += met
+        self.counters["deadlines_missed"] += missed
+        await publish_event(self.nc, ScheduleEvent(
+            ts_ms=now, verifier_id=done.verifier_id, batch_id=done.batch_id,
+            policy=finished.policy, size=len(finished.entries),
+            predicted_ms=finished.predicted_ms, observed_ms=done.batch_ms,
+            guard_ms=finished.guard_ms, decision_ms=finished.decision_ms, deadlines_met=met,
+            deadlines_missed=missed, late_dispatched=finished.late))
         members = [deadline_member(*e.key) for e in finished.entries]
         await self.redis.zrem(DEADLINES_KEY, *members)
 
@@ -427,7 +592,11 @@ class SchedulerService(Service):
                     or len(v.in_flight) >= self.config.max_batches_in_flight):
                 return
             now = now_ms()
-            selection = self.policy.select(v.queue, now, v.state())
+            policy = self._policy_for(v.queue)
+            state = self.registry.state(vid)
+            started = time.perf_counter()
+            selection = policy.select(v.queue, now, state)
+            decision_ms = (time.perf_counter() - started) * 1e3
             self._wake_at(vid, selection.wake_at_ms)
             chosen = selection.entries
             if not chosen:
@@ -437,7 +606,13 @@ class SchedulerService(Service):
             while len(data) > self.nc.max_payload and len(chosen) > 1:
                 chosen = chosen[: len(chosen) // 2]
                 data = self._encode_batch(batch_id, chosen)
-            self.registry.start_batch(vid, batch_id, chosen, now)
+            batch = self.registry.start_batch(vid, batch_id, chosen, now)
+            batch.policy, batch.decision_ms, batch.late = policy.name, decision_ms, selection.late
+            batch.guard_ms, batch.kv_claim = state.guard_ms, kv_claim(chosen, state.block_size)
+            if state.estimator is not None:
+                batch.predicted_ms = state.estimator.predict(
+                    BatchShape.of([(e.num_new, e.num_cached) for e in chosen]))
+            self.counters["late_dispatched"] += selection.late
             if len(data) > self.nc.max_payload:  # one request alone is over the server's limit
                 self.registry.finish_batch(vid, batch_id)
                 await self._reject(chosen[0].reply_to, WispError(
@@ -455,6 +630,17 @@ class SchedulerService(Service):
             self.counters["batch_entries"] += len(chosen)
             log.debug("batch_sent", verifier=vid, batch_id=batch_id, size=len(chosen),
                       queue_depth=len(v.queue))
+
+    def _policy_for(self, queue: list[PendingVerify]) -> BatchPolicy:
+        """The configured policy; with "auto", the most deadline-aware policy among those of
+        the queued sessions' modes."""
+        if len(self.policies) == 1:
+            return next(iter(self.policies.values()))
+        names = {MODE_POLICIES.get(e.mode, "fcfs") for e in queue}
+        for name in POLICY_PRECEDENCE:
+            if name in names:
+                return self.policies[name]
+        return self.policies["fcfs"]
 
     def _wake_at(self, vid: str, at_ms: float | None) -> None:
         """Run `vid`'s dispatch again at `at_ms` (a policy's latest start time), replacing an

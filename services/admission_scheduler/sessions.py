@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from common.protocol import BatchDone, SessionSpec, VocabInfo
+from common.protocol import MAX_DRAFT_TOKENS, BatchDone, SessionSpec, VocabInfo
 
 __all__ = ["SessionEntry", "SessionTable"]
 
@@ -31,6 +31,13 @@ class SessionEntry:
     prompt_len: int = 0
     committed_len: int = 0
     cached_len: int = 0  # tokens its verifier holds KV for (0 on a verifier that never had it)
+    # Its latest round on this scheduler's clock: when it was submitted and when its batch's
+    # forward ended (0: not yet) — the server's share of the edge's next measured round trip.
+    last_round: int = -1
+    round_arrival_ms: float = 0.0
+    round_done_ms: float = 0.0
+    server_budget_ms: float | None = None  # its last round's budget less the downlink estimate
+    tokens_per_round: float = 0.0  # committed tokens per verified round (moving average)
 
     @property
     def needed_context(self) -> int:
@@ -106,8 +113,26 @@ class SessionTable:
         for length in done.sessions:
             entry = self.entries.get(length.sid)
             if entry is not None and entry.verifier_id == done.verifier_id:
+                grown = length.committed_len - entry.committed_len
+                if 0 < grown <= MAX_DRAFT_TOKENS + 1:  # one round's tokens (a learned or
+                    # moved session's first report may jump further)
+                    entry.tokens_per_round = (grown if entry.tokens_per_round == 0 else
+                                              0.8 * entry.tokens_per_round + 0.2 * grown)
                 entry.committed_len = length.committed_len
                 entry.cached_len = length.cached_len
+
+    def submitted(self, entry: SessionEntry, round: int, now_ms: float,
+                  server_budget_ms: float | None) -> None:
+        """A round of `entry` arrived; a retry of the latest round keeps its first arrival."""
+        if round != entry.last_round:
+            entry.last_round, entry.round_arrival_ms, entry.round_done_ms = round, now_ms, 0.0
+        entry.server_budget_ms = server_budget_ms
+
+    def round_server_ms(self, entry: SessionEntry, round: int) -> float | None:
+        """The scheduler-side time of `round` (arrival to its forward's end), when known."""
+        if entry.last_round != round or entry.round_done_ms <= 0:
+            return None
+        return entry.round_done_ms - entry.round_arrival_ms
 
     def round_shape(self, sid: str, base_len: int, k: int) -> tuple[int, int]:
         """(tokens a round of k drafted tokens from `base_len` feeds, cached tokens it reads),

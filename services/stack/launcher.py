@@ -211,6 +211,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="default 9100, else a free one")
     parser.add_argument("--state-dir", default=".wisp", help="logs and stack.json go here")
+    parser.add_argument("--batch-policy", default=None,
+                        help="the scheduler's batch policy for every mode: fcfs | edf | wisp "
+                             "(default auto: wisp for modes wisp and ucb, fcfs for the others)")
+    parser.add_argument("--admission", default=None,
+                        help="admission control at session open: reject | queue | off "
+                             "(default reject)")
 
 
 def stack_options(**overrides) -> argparse.Namespace:
@@ -243,9 +249,14 @@ def plan_services(args) -> list[ServiceProcess]:
             f"gpu-verifier-{i}", "services.gpu_verifier",
             [*common, *models, "--verifier-id", f"v{i}", "--target-model", target],
             find_free_port()))
+    scheduling = []
+    if args.batch_policy:
+        scheduling += ["--policy", args.batch_policy]
+    if args.admission:
+        scheduling += ["--admission", args.admission]
     services.append(ServiceProcess(
         "admission-scheduler", "services.admission_scheduler",
-        [*common, "--target-model", target, "--draft-model", draft],
+        [*common, "--target-model", target, "--draft-model", draft, *scheduling],
         find_free_port()))
     for i in range(args.edges):
         services.append(ServiceProcess(

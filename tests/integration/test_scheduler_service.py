@@ -20,9 +20,11 @@ from nats.aio.msg import Msg
 
 from common.errors import ErrorCode, WispError
 from common.protocol import (
+    AdmissionEvent,
     AnyEvent,
     BatchDone,
     ErrorEvent,
+    EstimatorCoefficients,
     GenerateDone,
     GenerateRequest,
     Heartbeat,
@@ -83,8 +85,10 @@ async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> No
 
 class FakeVerifier:
     def __init__(self, nc: NatsClient, vid: str, free_blocks: int = 100, hold: bool = False,
-                 finish_at: int | None = None, model_limits: ModelLimits | None = None):
+                 finish_at: int | None = None, model_limits: ModelLimits | None = None,
+                 estimator: EstimatorCoefficients | None = None):
         self.nc, self.vid, self.free_blocks, self.hold = nc, vid, free_blocks, hold
+        self.estimator = estimator
         self.limits = model_limits or limits()
         self.finish_at = finish_at  # committed length at which a session is finished
         self.batches: list[VerifierBatch] = []
@@ -141,7 +145,8 @@ class FakeVerifier:
     async def _beat(self) -> None:
         await self.nc.publish(VERIFIER_HEARTBEAT, encode(Heartbeat(
             verifier_id=self.vid, model="fake", hardware="cpu", free_blocks=self.free_blocks,
-            total_blocks=100, block_size=16, num_sessions=0, limits=self.limits, ts_ms=0.0)))
+            total_blocks=100, block_size=16, num_sessions=0, limits=self.limits, ts_ms=0.0,
+            estimator=self.estimator)))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -171,8 +176,9 @@ async def running_scheduler(nats_url: str, redis_url: str,
 @contextlib.asynccontextmanager
 async def fake_verifiers(nc: NatsClient, service: SchedulerService,
                          *specs: tuple) -> AsyncIterator[list[FakeVerifier]]:
-    """specs: (verifier id, free blocks, hold[, ModelLimits])."""
-    fakes = [FakeVerifier(nc, vid, free, hold, model_limits=rest[0] if rest else None)
+    """specs: (verifier id, free blocks, hold[, ModelLimits | None[, EstimatorCoefficients]])."""
+    fakes = [FakeVerifier(nc, vid, free, hold, model_limits=rest[0] if rest else None,
+                          estimator=rest[1] if len(rest) > 1 else None)
              for vid, free, hold, *rest in specs]
     try:
         for fake in fakes:
@@ -291,7 +297,7 @@ async def test_submits_are_batched_fcfs_with_one_batch_in_flight(
         assert [r.sid for r in results] == sids[1:]
         await until(lambda: service.counters["batches_done"] == 3)
         assert await redis_client.zcard(DEADLINES_KEY) == 0
-        assert service.registry.verifiers["v1"].state().recent_done[-1].batch_id == \
+        assert service.registry.state("v1").recent_done[-1].batch_id == \
             fake.batches[2].batch_id
 
 
@@ -575,7 +581,7 @@ async def test_the_scheduler_wakes_when_its_policy_asks(
     async with (running_scheduler(nats_url, redis_url) as service,
                 fake_verifiers(nc, service, ("v1", 10, False)) as (fake,)):
         sid = (await open_session(nc)).sid
-        service.policy = HoldUntil(now_ms() + 150.0)
+        service.policies = {"hold": HoldUntil(now_ms() + 150.0)}
         started = asyncio.get_running_loop().time()
         result = await submit(nc, verify_request(sid))
         waited_ms = (asyncio.get_running_loop().time() - started) * 1e3
@@ -609,3 +615,79 @@ async def test_a_waiting_round_keeps_the_clients_stream_alive(
                     GenerateDone):
                 pass
         assert reply.num_tokens == 1 and reply.finish_reason == "length"
+
+
+# -- admission control ------------------------------------------------------------------------
+# 1 ms per fed token + 5 ms per batch: a round of k = 4 alone takes 10 ms, two together 15 ms.
+# With TPOT 10 ms, a round's nominal server share is 0.5 * (4 + 1) * 10 = 25 ms; the predicted
+# server time of a round is (1 batch in flight + 1) * T̂(all sessions): 20 ms for one session,
+# 30 ms for two — the second does not fit.
+SLOW = EstimatorCoefficients(a=1.0, b_compute=0.0, b_read=0.0, c=5.0)
+TIGHT = Slo(ttft_ms=1000.0, tpot_ms=10.0)
+
+
+async def test_admission_refuses_an_open_that_would_break_the_admitted_slos(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    events: list[AdmissionEvent] = []
+
+    async def on_event(msg: Msg) -> None:
+        events.append(decode(AdmissionEvent, msg.data))
+
+    sub = await nc.subscribe(event("admission"), cb=on_event)
+    async with (running_scheduler(nats_url, redis_url, admission="reject") as service,
+                fake_verifiers(nc, service, ("va", 100, False, None, SLOW))):
+        first = await open_session(nc, slo=TIGHT)
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(slo=TIGHT)))
+        assert err.code == ErrorCode.OVERLOADED and err.retry_after_ms >= 100
+        assert "predicted" in err.message, err.message
+        # A session without an SLO adds load too: it would push the first one past its SLO.
+        err = await request_error(nc, SESSION_OPEN, encode(session_open()))
+        assert err.code == ErrorCode.OVERLOADED
+        assert service.registry.num_sessions("va") == 1  # nothing of the refused ones stays
+        await nc.request(SESSION_CLOSE, encode(SessionClose(sid=first.sid)), timeout=TIMEOUT_S)
+        await open_session(nc, slo=TIGHT)  # room again
+        await until(lambda: len(events) >= 4)
+        assert [e.outcome for e in events] == ["admitted", "refused", "refused", "admitted"]
+        refused = events[1]
+        assert refused.verifier_id == "va" and refused.predicted_round_ms == 30.0
+        assert refused.budget_ms == 25.0 and refused.retry_after_ms == err.retry_after_ms
+        assert service.counters["admission_refused"] == 2
+    await sub.unsubscribe()
+
+
+async def test_admission_queue_admits_a_waiting_open_when_room_frees(
+        nats_url: str, redis_url: str, nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url, admission="queue", admission_queue=1,
+                                  admission_wait_s=5.0) as service,
+                fake_verifiers(nc, service, ("va", 100, False, None, SLOW))):
+        first = await open_session(nc, slo=TIGHT)
+        waiting = asyncio.create_task(open_session(nc, slo=TIGHT))
+        await until(lambda: service.counters["admission_queued"] == 1)
+        # The queue holds one: the next is refused at once.
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(slo=TIGHT)))
+        assert err.code == ErrorCode.OVERLOADED
+        assert not waiting.done()
+        await nc.request(SESSION_CLOSE, encode(SessionClose(sid=first.sid)), timeout=TIMEOUT_S)
+        opened = await asyncio.wait_for(waiting, TIMEOUT_S)
+        assert opened.verifier_id == "va" and service.registry.num_sessions("va") == 1
+    async with (running_scheduler(nats_url, redis_url, admission="queue",
+                                  admission_wait_s=0.3) as service,
+                fake_verifiers(nc, service, ("va", 100, False, None, SLOW))):
+        await open_session(nc, slo=TIGHT)
+        err = await request_error(nc, SESSION_OPEN, encode(session_open(slo=TIGHT)))
+        assert err.code == ErrorCode.OVERLOADED  # waited its 0.3 s, then refused
+
+
+async def test_admission_hard_cap_and_off(nats_url: str, redis_url: str,
+                                          nc: NatsClient) -> None:
+    async with (running_scheduler(nats_url, redis_url, max_sessions_per_verifier=2) as service,
+                fake_verifiers(nc, service, ("va", 100, False))):  # no estimator: the cap alone
+        await open_session(nc)
+        await open_session(nc)
+        err = await request_error(nc, SESSION_OPEN, encode(session_open()))
+        assert err.code == ErrorCode.OVERLOADED
+    async with (running_scheduler(nats_url, redis_url, admission="off") as service,
+                fake_verifiers(nc, service, ("va", 100, False, None, SLOW))):
+        for _ in range(3):
+            await open_session(nc, slo=TIGHT)
+        assert service.registry.num_sessions("va") == 3

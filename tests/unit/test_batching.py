@@ -76,7 +76,7 @@ def test_make_policy_builds_from_the_config() -> None:
     policy = make_policy("fcfs", config)
     assert isinstance(policy, FCFSPolicy)
     assert (policy.max_batch_size, policy.max_batch_tokens) == (3, 99)
-    with pytest.raises(ValueError, match="unknown batch policy 'edf'"):
-        make_policy("edf", config)
+    with pytest.raises(ValueError, match="unknown batch policy 'nope'"):
+        make_policy("nope", config)
     with pytest.raises(ValueError):
         FCFSPolicy(max_batch_size=0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
+from common.engine.estimator import BatchShape
 from common.protocol import (
     BatchDone,
+    EstimatorCoefficients,
     Heartbeat,
     ModelLimits,
     SessionLength,
@@ -11,7 +15,7 @@ from common.protocol import (
     VerifyRequest,
     VocabInfo,
 )
-from services.admission_scheduler.batching import PendingVerify
+from services.admission_scheduler.batching import PendingVerify, kv_claim
 from services.admission_scheduler.registry import VerifierRegistry
 
 T0 = 1_000_000.0  # ms
@@ -22,10 +26,11 @@ def limits(k_max: int = 8, context: int = 2048, vocab: VocabInfo = VOCAB) -> Mod
     return ModelLimits(vocab=vocab, k_max=k_max, max_context=context, max_prompt_tokens=1024)
 
 
-def hb(vid: str, free: int = 100, total: int = 100, **kw) -> Heartbeat:
+def hb(vid: str, free: int = 100, total: int = 100,
+       estimator: EstimatorCoefficients | None = None, **kw) -> Heartbeat:
     return Heartbeat(verifier_id=vid, model="m", hardware="cpu", free_blocks=free,
                      total_blocks=total, block_size=16, num_sessions=0,
-                     limits=limits(**kw), ts_ms=0.0)
+                     limits=limits(**kw), ts_ms=0.0, estimator=estimator)
 
 
 def pending(sid: str, round: int = 0, arrival_ms: float = T0,
@@ -130,7 +135,7 @@ def test_done_finishes_only_the_batch_in_flight_and_keeps_feedback() -> None:
     finished = reg.finish_batch("a", "b1", done)
     assert finished is not None and [e.sid for e in finished.entries] == ["s"]
     assert reg.verifiers["a"].in_flight == {}
-    assert reg.verifiers["a"].state().recent_done == (done, done)
+    assert reg.state("a").recent_done == (done, done)
     # The verifier's report feeds the session table: the next round is warm.
     entry = reg.sessions.get("s")
     assert (entry.committed_len, entry.cached_len) == (8, 7)
@@ -250,5 +255,69 @@ def test_forget_and_forget_idle_and_snapshot() -> None:
     assert snap["verifiers"][0] | {"last_seen_ms_ago": 0} == {
         "id": "a", "alive": True, "model": "m", "hardware": "cpu", "free_blocks": 10,
         "total_blocks": 100, "k_max": 8, "sessions": 0, "reported_sessions": 0,
-        "queue_depth": 1, "in_flight": [], "last_seen_ms_ago": 0}
+        "queue_depth": 1, "estimator": None, "in_flight": [], "last_seen_ms_ago": 0}
     assert snap["orphaned"] == 0
+
+
+# -- estimator feedback and KV budget ---------------------------------------------------------
+def test_advertised_estimator_is_refined_from_done_and_reset_by_new_coefficients() -> None:
+    """A verifier's heartbeat brings its coefficients; its batch times refine them (only for
+    batches this scheduler sent); new coefficients (a restart after recalibration) start over."""
+    truth = EstimatorCoefficients(a=0.5, b_compute=0.0, b_read=0.01, c=4.0)
+    reg = VerifierRegistry(now_ms=T0, guard_quantile=0.9)
+    reg.heartbeat(hb("a", estimator=EstimatorCoefficients(a=0.25, b_compute=0.0, b_read=0.01,
+                                                         c=2.0)), T0)
+    assert reg.state("a").estimator.a == 0.25 and reg.state("a").guard_ms == 0.0
+    reg.assign("s", "a", T0)
+    for i in range(64):
+        reg.enqueue(pending("s", round=i), T0)
+        reg.start_batch("a", f"b{i}", list(reg.verifiers["a"].queue), T0)
+        linear, cached = 3 + i % 7, 10 * (i % 11)
+        ms = truth.a * linear + truth.b_read * cached + truth.c
+        reg.finish_batch("a", f"b{i}", BatchDone(
+            verifier_id="a", batch_id=f"b{i}", batch_ms=ms, size=1, num_linear=linear,
+            num_interactions=linear * (linear + cached), num_cached=cached))
+    state = reg.state("a")
+    assert state.estimator.predict(BatchShape(5, 0, 50)) == pytest.approx(
+        truth.a * 5 + truth.b_read * 50 + truth.c, rel=0.05)
+    assert state.guard_ms > 0  # the prior under-predicted every early batch
+    # A done for a batch not in flight (another scheduler's) teaches nothing.
+    before = reg.verifiers["a"].estimator.num_observed
+    reg.finish_batch("a", "unknown", BatchDone(verifier_id="a", batch_id="unknown",
+                                               batch_ms=999.0, size=1, num_linear=1,
+                                               num_interactions=1, num_cached=0))
+    assert reg.verifiers["a"].estimator.num_observed == before
+    reg.heartbeat(hb("a", estimator=truth), T0)
+    assert reg.verifiers["a"].estimator.num_observed == 0 and reg.state("a").estimator.a == 0.5
+
+
+def test_kv_budget_counts_free_blocks_idle_sessions_and_in_flight_claims() -> None:
+    reg = registry(("a", 10))  # 10 free of 100 blocks of 16 tokens
+    for sid, cached in (("idle", 40), ("busy", 100), ("flying", 16)):
+        reg.assign(sid, "a", T0)
+        reg.sessions.get(sid).cached_len = cached
+    assert reg.state("a").kv_budget_blocks == 10 + 3 + 7 + 1  # every session is idle
+    reg.enqueue(pending("busy"), T0)
+    entry = pending("flying")
+    entry.num_cached, entry.num_new = 16, 20  # claims 3 - 1 = 2 more blocks
+    reg.enqueue(entry, T0)
+    batch = reg.start_batch("a", "b1", [entry], T0)
+    batch.kv_claim = kv_claim([entry], 16)
+    assert batch.kv_claim == 2
+    assert reg.state("a").kv_budget_blocks == 10 + 3 - 2  # busy and flying are not evictable
+    reg.heartbeat(hb("a", free=0, total=0), T0)
+    assert reg.state("a").kv_budget_blocks is None  # no paged cache: no block counts
+
+
+def test_session_round_timing_for_the_downlink() -> None:
+    reg = registry(("a", 10))
+    reg.assign("s", "a", T0)
+    table, entry = reg.sessions, reg.sessions.get("s")
+    table.submitted(entry, 0, T0, 40.0)
+    assert table.round_server_ms(entry, 0) is None  # not done yet
+    table.submitted(entry, 0, T0 + 5, 35.0)  # a retry keeps the first arrival
+    entry.round_done_ms = T0 + 12
+    assert table.round_server_ms(entry, 0) == 12 and entry.server_budget_ms == 35.0
+    assert table.round_server_ms(entry, 1) is None
+    table.submitted(entry, 1, T0 + 30, None)
+    assert table.round_server_ms(entry, 0) is None and entry.round_arrival_ms == T0 + 30
