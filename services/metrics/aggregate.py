@@ -14,7 +14,12 @@ one handler per class:
   it — num_drafted, num_accepted, greedy, draft_features;
 * :class:`~common.protocol.BatchEvent` (``batch``): one verification batch — verifier_id, size,
   batch_ms, queue_depth, ...;
-* :class:`~common.protocol.ErrorEvent` (``error``): service, code.
+* :class:`~common.protocol.ErrorEvent` (``error``): service, code;
+* :class:`~common.protocol.ScheduleEvent` (``schedule``): one batch as the scheduler saw it —
+  policy, the estimator's prediction next to the verifier's measured forward, the guard δ, the
+  policy's decision time, deadlines met and missed, late dispatches;
+* :class:`~common.protocol.AdmissionEvent` (``admission``): a session open as admission control
+  decided it — outcome (admitted, queued, refused), predicted round time, budget, retry hint.
 
 Their schema is checked once, where they are decoded (``decode(AnyEvent, data)``: types, ranges,
 names, accepted ≤ drafted); an aggregator trusts what it is given. A payload that does not
@@ -38,10 +43,21 @@ Definitions (docs/architecture.md, "Metrics"):
   that a round is never counted twice, and verdict events (the verifier's view, no mode) are
   reported apart too (``verdicts``).
 
+Scheduling, per batch policy (``schedule``): predicted and observed batch times side by side
+(mean, p50, p99 over the last ``max_samples`` batches; predictions only of batches that had an
+estimate, ``predicted_ms`` > 0), the estimator's error over the last ``ESTIMATOR_WINDOW``
+batches with an estimate (MAPE = mean |observed − predicted| / observed; bias = mean
+observed − predicted, > 0: batches run slower than predicted, the sign of the scheduler's own
+error and guard), deadlines met and missed and the violation rate (missed / both), late
+dispatches, and the policy's decision time. Admission (``admission``): decisions by outcome,
+the refusal rate over final decisions (refused / (admitted + refused); a queued open is decided
+again later), and the latest decision, overall and per verifier.
+
 Latency histograms and percentiles cover requests that did not fail. Percentiles use the last
 ``max_samples`` requests per mode (and batches), so memory stays bounded in a long run.
 Errors are counted by (service, code) up to ``MAX_ERROR_SERIES`` distinct pairs; new pairs past
-that share one series (``ERROR_OVERFLOW`` for both labels), so series stay bounded too.
+that share one series (``ERROR_OVERFLOW`` for both labels), so series stay bounded too; batch
+policies likewise up to ``MAX_POLICY_SERIES`` names.
 """
 
 from __future__ import annotations
@@ -57,18 +73,22 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.protocol import (
+    AdmissionEvent,
     AnyEvent,
     BatchEvent,
     ErrorEvent,
     RequestEvent,
     RoundEvent,
+    ScheduleEvent,
     VerdictEvent,
 )
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "ERROR_OVERFLOW",
+    "ESTIMATOR_WINDOW",
     "MAX_ERROR_SERIES",
+    "MAX_POLICY_SERIES",
     "UNDECODABLE",
     "MetricsAggregator",
     "event_kind",
@@ -82,6 +102,9 @@ PERCENTILES = (50, 90, 99)
 DEFAULT_MAX_SAMPLES = 100_000
 MAX_ERROR_SERIES = 1000  # distinct (service, code) pairs, besides the overflow series
 ERROR_OVERFLOW = "other"  # service and code of the errors past MAX_ERROR_SERIES
+MAX_POLICY_SERIES = 32  # distinct batch policy names; later ones count as ERROR_OVERFLOW
+ESTIMATOR_WINDOW = 256  # batches over which the estimator's error is judged (its own window)
+ADMISSION_OUTCOMES = ("admitted", "queued", "refused")
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
                   3.0, 5.0, 10.0, 20.0, 60.0)
@@ -93,6 +116,8 @@ ACCEPTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 BATCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                    0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+DECISION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025,
+                      0.05, 0.1)
 
 
 # -- pure helpers -----------------------------------------------------------------------------
@@ -136,6 +161,14 @@ def _round(v: float | None, digits: int = 3) -> float | None:
 
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
+
+
+def _mean_quantiles_ms(values: Iterable[float]) -> dict[str, float | None]:
+    """Mean, p50 and p99 (ms) of ``values``; None for each when empty."""
+    ordered = sorted(values)
+    mean = sum(ordered) / len(ordered) if ordered else None
+    return {"mean": _round(mean), "p50": _round(percentile(ordered, 50)),
+            "p99": _round(percentile(ordered, 99))}
 
 
 # -- per-mode state for summary() -------------------------------------------------------------
@@ -232,6 +265,76 @@ class _VerdictStats:
         }
 
 
+@dataclass(slots=True)
+class _ScheduleStats:
+    """One batch policy's batches as the scheduler saw them."""
+
+    max_samples: int
+    batches: int = 0
+    estimated: int = 0  # batches formed with an estimate (predicted_ms > 0)
+    deadlines_met: int = 0
+    deadlines_missed: int = 0
+    late_dispatched: int = 0
+    guard_ms: float = 0.0  # the latest batch's δ
+    predicted_ms: deque = field(init=False)
+    observed_ms: deque = field(init=False)
+    decision_ms: deque = field(init=False)
+    pairs: deque = field(init=False)  # (predicted, observed) of the latest estimated batches
+
+    def __post_init__(self) -> None:
+        self.predicted_ms = deque(maxlen=self.max_samples)
+        self.observed_ms = deque(maxlen=self.max_samples)
+        self.decision_ms = deque(maxlen=self.max_samples)
+        self.pairs = deque(maxlen=min(self.max_samples, ESTIMATOR_WINDOW))
+
+    def estimator(self) -> dict[str, Any]:
+        """MAPE (a fraction) and bias (ms, observed − predicted) over the window; a batch
+        measured at 0 ms has no relative error and only counts toward the bias."""
+        pairs = list(self.pairs)
+        relative = [abs(o - p) / o for p, o in pairs if o > 0]
+        return {
+            "window": len(pairs),
+            "mape": _round(sum(relative) / len(relative), 4) if relative else None,
+            "bias_ms": _round(sum(o - p for p, o in pairs) / len(pairs)) if pairs else None,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        judged = self.deadlines_met + self.deadlines_missed
+        decision = sorted(self.decision_ms)
+        return {
+            "batches": self.batches,
+            "estimated": self.estimated,
+            "predicted_ms": _mean_quantiles_ms(self.predicted_ms),
+            "observed_ms": _mean_quantiles_ms(self.observed_ms),
+            "estimator": self.estimator(),
+            "guard_ms": _round(self.guard_ms),
+            "deadlines_met": self.deadlines_met,
+            "deadlines_missed": self.deadlines_missed,
+            "violation_rate": _round(_ratio(self.deadlines_missed, judged), 4),
+            "late_dispatched": self.late_dispatched,
+            "decision_ms": {"p50": _round(percentile(decision, 50), 4),
+                            "p99": _round(percentile(decision, 99), 4)},
+        }
+
+
+@dataclass(slots=True)
+class _AdmissionStats:
+    """Session opens as admission control decided them."""
+
+    outcomes: CounterMap = field(default_factory=CounterMap)
+    last: dict[str, Any] | None = None
+    by_verifier: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        final = self.outcomes["admitted"] + self.outcomes["refused"]
+        return {
+            **{outcome: self.outcomes[outcome] for outcome in ADMISSION_OUTCOMES},
+            "refusal_rate": _round(_ratio(self.outcomes["refused"], final), 4),
+            "last": self.last,
+            "by_verifier": dict(sorted(self.by_verifier.items())),
+        }
+
+
 # -- the aggregator ---------------------------------------------------------------------------
 class MetricsAggregator:
     """Feed it decoded events with :meth:`observe`; scrape :attr:`registry`; read
@@ -254,6 +357,8 @@ class MetricsAggregator:
         self._batch_size_sum = 0
         self._batch_ms: deque[float] = deque(maxlen=max_samples)
         self._queue_depth: dict[str, int] = {}
+        self._schedule: dict[str, _ScheduleStats] = {}  # by policy
+        self._admission = _AdmissionStats()
 
     def _init_metrics(self) -> None:
         r = self.registry
@@ -297,6 +402,40 @@ class MetricsAggregator:
                                  ["verifier_id"], registry=r)
         self.errors = Counter("wisp_errors", "Errors reported by services",
                               ["service", "code"], registry=r)
+        self.schedule_predicted = Histogram(
+            "wisp_schedule_predicted_seconds", "Estimated batch time when the batch was formed",
+            ["policy"], buckets=BATCH_BUCKETS_S, registry=r)
+        self.schedule_observed = Histogram(
+            "wisp_schedule_observed_seconds", "Measured batch time (the verifier's forward)",
+            ["policy"], buckets=BATCH_BUCKETS_S, registry=r)
+        self.schedule_decision = Histogram(
+            "wisp_schedule_decision_seconds", "Time the batch policy took to pick a batch",
+            ["policy"], buckets=DECISION_BUCKETS_S, registry=r)
+        self.deadlines = Counter("wisp_schedule_deadlines",
+                                 "Verify requests by deadline outcome", ["policy", "outcome"],
+                                 registry=r)
+        self.late_dispatched = Counter("wisp_schedule_late_dispatched",
+                                       "Requests dispatched past their latest start time",
+                                       ["policy"], registry=r)
+        self.estimator_mape = Gauge("wisp_estimator_mape",
+                                    "Estimator's mean absolute percentage error (a fraction) "
+                                    "over its recent batches", ["policy"], registry=r)
+        self.estimator_bias = Gauge("wisp_estimator_bias_seconds",
+                                    "Estimator's mean error (observed - predicted) over its "
+                                    "recent batches", ["policy"], registry=r)
+        self.estimator_guard = Gauge("wisp_estimator_guard_seconds",
+                                     "Guard (delta) in force for the latest batch",
+                                     ["verifier_id"], registry=r)
+        self.admissions = Counter("wisp_admissions", "Session opens by admission outcome",
+                                  ["outcome"], registry=r)
+        self.admission_predicted = Gauge(
+            "wisp_admission_predicted_round_seconds",
+            "Predicted server time per round of the latest admission decision",
+            ["verifier_id"], registry=r)
+        self.admission_budget = Gauge(
+            "wisp_admission_budget_seconds",
+            "Tightest per-round server budget of the latest admission decision (0: no SLO)",
+            ["verifier_id"], registry=r)
         self.events = Counter("wisp_metrics_events", "Events received by the metrics service",
                               ["kind"], registry=r)
         self.malformed = Counter("wisp_metrics_malformed_events",
@@ -397,12 +536,58 @@ class MetricsAggregator:
         self._errors[(service, code)] += 1
         self.errors.labels(service, code).inc()
 
+    def _on_schedule(self, ev: ScheduleEvent, now_s: float) -> None:
+        policy = ev.policy
+        if policy not in self._schedule and len(self._schedule) >= MAX_POLICY_SERIES:
+            policy = ERROR_OVERFLOW  # bound the series a peer's policy names can create
+        stats = self._schedule.get(policy)
+        if stats is None:
+            stats = self._schedule[policy] = _ScheduleStats(self.max_samples)
+        stats.batches += 1
+        stats.observed_ms.append(ev.observed_ms)
+        stats.decision_ms.append(ev.decision_ms)
+        stats.deadlines_met += ev.deadlines_met
+        stats.deadlines_missed += ev.deadlines_missed
+        stats.late_dispatched += ev.late_dispatched
+        stats.guard_ms = ev.guard_ms
+        self.schedule_observed.labels(policy).observe(ev.observed_ms / 1000.0)
+        self.schedule_decision.labels(policy).observe(ev.decision_ms / 1000.0)
+        self.deadlines.labels(policy, "met").inc(ev.deadlines_met)
+        self.deadlines.labels(policy, "missed").inc(ev.deadlines_missed)
+        self.late_dispatched.labels(policy).inc(ev.late_dispatched)
+        self.estimator_guard.labels(ev.verifier_id).set(ev.guard_ms / 1000.0)
+        if ev.predicted_ms <= 0:
+            return  # no estimate yet: nothing to compare
+        stats.estimated += 1
+        stats.predicted_ms.append(ev.predicted_ms)
+        stats.pairs.append((ev.predicted_ms, ev.observed_ms))
+        self.schedule_predicted.labels(policy).observe(ev.predicted_ms / 1000.0)
+        error = stats.estimator()
+        if error["mape"] is not None:
+            self.estimator_mape.labels(policy).set(error["mape"])
+        self.estimator_bias.labels(policy).set(error["bias_ms"] / 1000.0)
+
+    def _on_admission(self, ev: AdmissionEvent, now_s: float) -> None:
+        a = self._admission
+        a.outcomes[ev.outcome] += 1
+        self.admissions.labels(ev.outcome).inc()
+        decision = {"predicted_round_ms": ev.predicted_round_ms, "budget_ms": ev.budget_ms,
+                    "retry_after_ms": ev.retry_after_ms}
+        a.last = {"sid": ev.sid, "outcome": ev.outcome, "verifier_id": ev.verifier_id,
+                  **decision}
+        if ev.verifier_id is not None:
+            a.by_verifier[ev.verifier_id] = {"outcome": ev.outcome, **decision}
+            self.admission_predicted.labels(ev.verifier_id).set(ev.predicted_round_ms / 1000.0)
+            self.admission_budget.labels(ev.verifier_id).set(ev.budget_ms / 1000.0)
+
     _handlers: dict[type, Callable[[MetricsAggregator, Any, float], None]] = {
         RequestEvent: _on_request,
         RoundEvent: _on_round,
         VerdictEvent: _on_verdict,
         BatchEvent: _on_batch,
         ErrorEvent: _on_error,
+        ScheduleEvent: _on_schedule,
+        AdmissionEvent: _on_admission,
     }
 
     def _mode_stats(self, mode: str) -> _ModeStats:
@@ -413,7 +598,8 @@ class MetricsAggregator:
 
     # -- output -----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """A JSON-able report: per mode, verdicts, batches, errors, event counts."""
+        """A JSON-able report: per mode, verdicts, batches, scheduling per policy, admission,
+        errors, event counts."""
         return {
             "modes": {mode: self._modes[mode].summary() for mode in sorted(self._modes)},
             "verdicts": self._verdicts.summary(),
@@ -423,6 +609,9 @@ class MetricsAggregator:
                 "batch_ms": _quantiles_ms(self._batch_ms),
                 "queue_depth": dict(sorted(self._queue_depth.items())),
             },
+            "schedule": {policy: self._schedule[policy].summary()
+                         for policy in sorted(self._schedule)},
+            "admission": self._admission.summary(),
             "errors": [{"service": s, "code": c, "count": n}
                        for (s, c), n in sorted(self._errors.items())],
             "events": {

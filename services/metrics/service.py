@@ -153,6 +153,26 @@ _VERDICT_COLUMNS = (
     ("accept rate", "acceptance_rate"),
 )
 
+_SCHEDULE_COLUMNS = (
+    ("batches", "batches"),
+    ("predicted mean/p50/p99 ms", "predicted_ms"),
+    ("observed mean/p50/p99 ms", "observed_ms"),
+    ("estimator window/MAPE/bias ms", "estimator"),
+    ("guard ms", "guard_ms"),
+    ("deadlines met", "deadlines_met"),
+    ("missed", "deadlines_missed"),
+    ("violation rate", "violation_rate"),
+    ("late dispatched", "late_dispatched"),
+    ("decision p50/p99 ms", "decision_ms"),
+)
+
+_ADMISSION_COLUMNS = (
+    ("admitted", "admitted"),
+    ("queued", "queued"),
+    ("refused", "refused"),
+    ("refusal rate", "refusal_rate"),
+)
+
 _STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 1.5em; }
@@ -190,6 +210,13 @@ def render_dashboard(summary: dict[str, Any], refresh_s: int = 5) -> str:
     batches = summary.get("batches", {})
     batch_row = [[batches.get("count"), batches.get("mean_size"), batches.get("batch_ms")]]
     depth_rows = [[vid, depth] for vid, depth in batches.get("queue_depth", {}).items()]
+    schedule_rows = [[policy] + [stats.get(key) for _, key in _SCHEDULE_COLUMNS]
+                     for policy, stats in summary.get("schedule", {}).items()]
+    admission = summary.get("admission", {})
+    admission_row = [[admission.get(key) for _, key in _ADMISSION_COLUMNS]] if admission else []
+    decision_rows = [[vid, d.get("outcome"), d.get("predicted_round_ms"), d.get("budget_ms"),
+                      d.get("retry_after_ms")]
+                     for vid, d in admission.get("by_verifier", {}).items()]
     error_rows = [[e["service"], e["code"], e["count"]] for e in summary.get("errors", [])]
     events = summary.get("events", {})
     event_rows = [[kind, n, events.get("malformed", {}).get(kind, 0)]
@@ -209,6 +236,12 @@ def render_dashboard(summary: dict[str, Any], refresh_s: int = 5) -> str:
 <h2>Verification batches</h2>
 {_table(["batches", "mean size", "batch p50/p90/p99 ms"], batch_row, "")}
 {_table(["verifier", "queue depth"], depth_rows, "no queue depth reported")}
+<h2>Scheduling by batch policy</h2>
+{_table(["policy"] + [h for h, _ in _SCHEDULE_COLUMNS], schedule_rows, "no scheduled batches yet")}
+<h2>Admission</h2>
+{_table([h for h, _ in _ADMISSION_COLUMNS], admission_row, "")}
+{_table(["verifier", "latest decision", "predicted round ms", "budget ms", "retry after ms"],
+        decision_rows, "no admission decisions yet")}
 <h2>Errors</h2>
 {_table(["service", "code", "count"], error_rows, "no errors")}
 <h2>Events</h2>

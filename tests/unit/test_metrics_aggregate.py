@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 
 from common.errors import ErrorCode, WispError
 from common.protocol import (
+    AdmissionEvent,
     AnyEvent,
     BatchEvent,
     ErrorEvent,
@@ -19,6 +20,7 @@ from common.protocol import (
     GenerateTimings,
     RequestEvent,
     RoundEvent,
+    ScheduleEvent,
     Slo,
     VerdictEvent,
     decode,
@@ -26,7 +28,9 @@ from common.protocol import (
 )
 from services.metrics.aggregate import (
     ERROR_OVERFLOW,
+    ESTIMATOR_WINDOW,
     MAX_ERROR_SERIES,
+    MAX_POLICY_SERIES,
     MetricsAggregator,
     event_kind,
     percentile,
@@ -77,6 +81,23 @@ def error(service: str = "gpu-verifier", code: str = "internal") -> ErrorEvent:
     return ErrorEvent(ts_ms=1.0, service=service, code=code, sid=SID)
 
 
+def schedule(policy: str = "wisp", *, predicted_ms: float = 10.0, observed_ms: float = 12.0,
+             met: int = 2, missed: int = 0, late: int = 0, decision_ms: float = 0.05,
+             guard_ms: float = 1.5, verifier_id: str = "v1") -> ScheduleEvent:
+    return ScheduleEvent(ts_ms=1.0, verifier_id=verifier_id, batch_id="b1", policy=policy,
+                         size=met + missed, predicted_ms=predicted_ms, observed_ms=observed_ms,
+                         guard_ms=guard_ms, decision_ms=decision_ms, deadlines_met=met,
+                         deadlines_missed=missed, late_dispatched=late)
+
+
+def admission(outcome: str = "admitted", *, verifier_id: str | None = "v1",
+              predicted_round_ms: float = 40.0, budget_ms: float = 60.0,
+              retry_after_ms: float = 0.0) -> AdmissionEvent:
+    return AdmissionEvent(ts_ms=1.0, sid=SID, outcome=outcome, verifier_id=verifier_id,
+                          predicted_round_ms=predicted_round_ms, budget_ms=budget_ms,
+                          retry_after_ms=retry_after_ms)
+
+
 def sample(agg: MetricsAggregator, name: str, labels: dict[str, str]) -> float | None:
     return agg.registry.get_sample_value(name, labels)
 
@@ -90,9 +111,11 @@ def all_samples(agg: MetricsAggregator) -> dict[tuple[str, tuple], float]:
 
 def test_factories_build_events_that_survive_the_wire() -> None:
     events = [request(), request(slo=None, num_tokens=0, finish_reason="error"), round_event(),
-              verdict(draft_features=FEATURES), verdict(greedy=False), batch(), error()]
+              verdict(draft_features=FEATURES), verdict(greedy=False), batch(), error(),
+              schedule(), admission("refused", verifier_id=None, retry_after_ms=900.0)]
     for ev in events:
         assert decode(AnyEvent, encode(ev)) == ev
+    assert (event_kind(schedule()), event_kind(admission())) == ("schedule", "admission")
     assert [event_kind(ev) for ev in events[:3]] == ["request", "request", "round"]
     assert event_kind(batch()) == "batch"
     assert (event_kind(verdict()), event_kind(error())) == ("verdict", "error")
@@ -329,6 +352,119 @@ def test_error_series_are_capped() -> None:
                   {"service": ERROR_OVERFLOW, "code": ERROR_OVERFLOW}) == 2
 
 
+# -- scheduling and admission ---------------------------------------------------------------------
+def test_predicted_and_observed_batch_times_side_by_side() -> None:
+    agg = MetricsAggregator()
+    for predicted, observed in ((10.0, 12.0), (20.0, 18.0), (30.0, 40.0)):
+        agg.observe(schedule(predicted_ms=predicted, observed_ms=observed))
+    agg.observe(schedule(predicted_ms=0.0, observed_ms=50.0))  # no estimator yet
+    s = agg.summary()["schedule"]["wisp"]
+    assert (s["batches"], s["estimated"]) == (4, 3)
+    assert s["predicted_ms"] == {"mean": 20.0, "p50": 20.0, "p99": pytest.approx(29.8)}
+    assert s["observed_ms"]["mean"] == pytest.approx(30.0)  # every batch, 50 ms included
+    assert s["observed_ms"]["p50"] == pytest.approx(29.0)
+    # Only batches with an estimate are judged: |2|/12, |-2|/18, |10|/40; bias (2 - 2 + 10)/3.
+    assert s["estimator"]["window"] == 3
+    assert s["estimator"]["mape"] == pytest.approx((2 / 12 + 2 / 18 + 10 / 40) / 3, abs=1e-4)
+    assert s["estimator"]["bias_ms"] == pytest.approx(10 / 3, abs=1e-3)
+    assert sample(agg, "wisp_schedule_predicted_seconds_count", {"policy": "wisp"}) == 3
+    assert sample(agg, "wisp_schedule_observed_seconds_count", {"policy": "wisp"}) == 4
+    assert sample(agg, "wisp_schedule_observed_seconds_sum", {"policy": "wisp"}) == \
+        pytest.approx(0.12)
+    assert sample(agg, "wisp_estimator_mape", {"policy": "wisp"}) == \
+        pytest.approx(s["estimator"]["mape"], abs=1e-4)
+    assert sample(agg, "wisp_estimator_bias_seconds", {"policy": "wisp"}) == \
+        pytest.approx(10 / 3 / 1000, abs=1e-6)
+    assert sample(agg, "wisp_estimator_guard_seconds", {"verifier_id": "v1"}) == 0.0015
+
+
+def test_estimator_error_covers_its_recent_window() -> None:
+    agg = MetricsAggregator()
+    for _ in range(ESTIMATOR_WINDOW):
+        agg.observe(schedule(predicted_ms=5.0, observed_ms=10.0))  # 50 % off, long ago
+    for _ in range(ESTIMATOR_WINDOW):
+        agg.observe(schedule(predicted_ms=10.0, observed_ms=10.0))  # spot on since
+    e = agg.summary()["schedule"]["wisp"]["estimator"]
+    assert e == {"window": ESTIMATOR_WINDOW, "mape": 0.0, "bias_ms": 0.0}
+
+
+def test_deadlines_late_dispatches_and_decision_time_per_policy() -> None:
+    agg = MetricsAggregator()
+    agg.observe(schedule("wisp", met=3, missed=1, late=1, decision_ms=0.1))
+    agg.observe(schedule("wisp", met=4, missed=0, late=0, decision_ms=0.3))
+    agg.observe(schedule("fcfs", predicted_ms=0.0, met=1, missed=3, late=2, decision_ms=0.01))
+    s = agg.summary()["schedule"]
+    assert list(s) == ["fcfs", "wisp"]
+    wisp, fcfs = s["wisp"], s["fcfs"]
+    assert (wisp["deadlines_met"], wisp["deadlines_missed"], wisp["late_dispatched"]) == \
+        (7, 1, 1)
+    assert wisp["violation_rate"] == pytest.approx(1 / 8)
+    assert wisp["decision_ms"] == {"p50": pytest.approx(0.2), "p99": pytest.approx(0.298)}
+    assert fcfs["violation_rate"] == pytest.approx(0.75) and fcfs["late_dispatched"] == 2
+    # FCFS formed its batches without an estimate: nothing to compare, times still observed.
+    assert fcfs["predicted_ms"] == {"mean": None, "p50": None, "p99": None}
+    assert fcfs["estimator"] == {"window": 0, "mape": None, "bias_ms": None}
+    assert fcfs["observed_ms"]["mean"] == pytest.approx(12.0)
+    assert sample(agg, "wisp_schedule_deadlines_total",
+                  {"policy": "wisp", "outcome": "missed"}) == 1
+    assert sample(agg, "wisp_schedule_deadlines_total",
+                  {"policy": "fcfs", "outcome": "met"}) == 1
+    assert sample(agg, "wisp_schedule_late_dispatched_total", {"policy": "fcfs"}) == 2
+    assert sample(agg, "wisp_schedule_decision_seconds_count", {"policy": "wisp"}) == 2
+    assert sample(agg, "wisp_estimator_mape", {"policy": "fcfs"}) is None
+
+
+def test_a_batch_with_no_deadline_judged_has_no_violation_rate() -> None:
+    agg = MetricsAggregator()
+    agg.observe(schedule(met=0, missed=0))
+    assert agg.summary()["schedule"]["wisp"]["violation_rate"] is None
+
+
+def test_policy_series_are_capped() -> None:
+    agg = MetricsAggregator()
+    for i in range(MAX_POLICY_SERIES + 3):
+        agg.observe(schedule(f"policy{i}"))
+    s = agg.summary()["schedule"]
+    assert len(s) == MAX_POLICY_SERIES + 1 and s[ERROR_OVERFLOW]["batches"] == 3
+    assert sample(agg, "wisp_schedule_observed_seconds_count", {"policy": ERROR_OVERFLOW}) == 3
+
+
+def test_admission_outcomes_and_the_latest_decision() -> None:
+    agg = MetricsAggregator()
+    agg.observe(admission("admitted", predicted_round_ms=40.0, budget_ms=60.0))
+    agg.observe(admission("queued", predicted_round_ms=70.0, budget_ms=60.0))
+    agg.observe(admission("admitted", verifier_id="v2", predicted_round_ms=20.0, budget_ms=0.0))
+    agg.observe(admission("refused", predicted_round_ms=84.0, budget_ms=60.0,
+                          retry_after_ms=1500.0))
+    a = agg.summary()["admission"]
+    assert (a["admitted"], a["queued"], a["refused"]) == (2, 1, 1)
+    assert a["refusal_rate"] == pytest.approx(1 / 3, abs=1e-4)  # of final decisions only
+    assert a["last"] == {"sid": SID, "outcome": "refused", "verifier_id": "v1",
+                         "predicted_round_ms": 84.0, "budget_ms": 60.0,
+                         "retry_after_ms": 1500.0}
+    assert a["by_verifier"] == {
+        "v1": {"outcome": "refused", "predicted_round_ms": 84.0, "budget_ms": 60.0,
+               "retry_after_ms": 1500.0},
+        "v2": {"outcome": "admitted", "predicted_round_ms": 20.0, "budget_ms": 0.0,
+               "retry_after_ms": 0.0}}
+    assert sample(agg, "wisp_admissions_total", {"outcome": "admitted"}) == 2
+    assert sample(agg, "wisp_admissions_total", {"outcome": "refused"}) == 1
+    assert sample(agg, "wisp_admission_predicted_round_seconds", {"verifier_id": "v1"}) == \
+        pytest.approx(0.084)
+    assert sample(agg, "wisp_admission_budget_seconds", {"verifier_id": "v2"}) == 0.0
+    # A refusal with no verifier to place on still counts, and is the latest.
+    agg.observe(admission("refused", verifier_id=None, predicted_round_ms=0.0, budget_ms=0.0))
+    a = agg.summary()["admission"]
+    assert a["refused"] == 2 and a["last"]["verifier_id"] is None
+    assert set(a["by_verifier"]) == {"v1", "v2"}
+
+
+def test_no_admission_yet() -> None:
+    a = MetricsAggregator().summary()["admission"]
+    assert a == {"admitted": 0, "queued": 0, "refused": 0, "refusal_rate": None, "last": None,
+                 "by_verifier": {}}
+
+
 def test_observe_refuses_what_is_not_an_event() -> None:
     agg = MetricsAggregator()
     with pytest.raises(TypeError):
@@ -396,6 +532,11 @@ BAD_PAYLOADS: dict[str, tuple[bytes, str]] = {
     "verdict feature row too short": (_payload(verdict(), draft_features=[[0.1, 0.2]]),
                                       "at `$.draft_features[0]`"),
     "verdict negative count": (_payload(verdict(), num_drafted=-1), "at `$.num_drafted`"),
+    "unknown admission outcome": (_payload(admission(), outcome="maybe"),
+                                  "Invalid enum value 'maybe'"),
+    "negative deadlines met": (_payload(schedule(), deadlines_met=-1), "at `$.deadlines_met`"),
+    "schedule without a policy": (_payload(schedule(), policy=None),
+                                  "missing required field `policy`"),
 }
 
 
@@ -410,7 +551,8 @@ def test_decode_refuses_malformed_events(data: bytes, reason: str) -> None:
 def _fed_service() -> MetricsService:
     service = MetricsService(MetricsConfig())
     for ev in (request(), request("sled", slo=None), round_event(wasted_draft_ms=3.0),
-               verdict(draft_features=FEATURES), batch(queue_depth=2), error()):
+               verdict(draft_features=FEATURES), batch(queue_depth=2), error(), schedule(),
+               admission("refused", retry_after_ms=500.0)):
         service.handle("wisp.events.x", encode(ev), now_s=5.0)
     return service
 
@@ -467,12 +609,16 @@ def test_own_registry_and_dashboard_render() -> None:
     a, b = MetricsAggregator(), MetricsAggregator()  # two instances do not collide
     a.observe(request(), now_s=1.0)
     a.observe(verdict())
+    a.observe(schedule("edf"))
+    a.observe(admission("refused", verifier_id="v9", retry_after_ms=700.0))
     a.count_malformed()
     assert sample(b, "wisp_requests_total", {"mode": "wisp", "slo": "met"}) is None
     assert b"wisp_requests_total" in generate_latest(a.registry)
     page = render_dashboard(a.summary(), refresh_s=7)
     assert 'http-equiv="refresh" content="7"' in page and "<td>wisp</td>" in page
     assert "<td>verdict</td>" in page and "<td>undecodable</td>" in page
+    assert "<td>edf</td>" in page and "<td>v9</td>" in page and "<td>700</td>" in page
     assert "http://" not in page and "https://" not in page  # no external assets
     empty = render_dashboard(b.summary())
     assert "no requests yet" in empty and "no errors" in empty
+    assert "no scheduled batches yet" in empty and "no admission decisions yet" in empty
