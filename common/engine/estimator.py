@@ -143,12 +143,16 @@ class OnlineEstimator:
     refitted: first `scale·prior + bias` by least squares on the window (two numbers, robust
     with few or similar batches), then a full non-negative fit over the window plus the
     canonical anchor shapes valued by that scaled prior (anchors weigh a quarter of the window),
-    kept only when it predicts the window better. Prediction errors (measured − predicted, of
-    the estimate in force when the batch was formed) feed the guard δ: a high quantile of them.
+    kept only when it predicts the window better. Both fits leave out the batches far off the
+    first (more than 3 robust standard deviations: a batch that shared its device with
+    something else); the first `warmup` batches (one-time costs) are not observed at all.
+    Prediction errors (measured − predicted, of the estimate in force) feed the guard δ: a high
+    quantile of the last `guard_window` of them, so that δ follows the current estimate.
     """
 
     def __init__(self, prior: LatencyEstimator, *, window: int = 256, refit_every: int = 16,
-                 min_refit: int = 32, guard_quantile: float = 0.9):
+                 min_refit: int = 32, guard_quantile: float = 0.9, warmup: int = 3,
+                 guard_window: int = 64):
         if not 0.0 < guard_quantile < 1.0:
             raise ValueError(f"guard_quantile must be within (0, 1), got {guard_quantile}")
         self.prior = self.current = prior
@@ -160,6 +164,9 @@ class OnlineEstimator:
         self._times: list[float] = []
         self._errors: list[float] = []  # measured - predicted, ms
         self._relative: list[float] = []  # |error| / measured
+        self.warmup = warmup
+        self.guard_window = guard_window
+        self.num_seen = 0  # batches reported, warm-up included
         self.num_observed = 0
         self.num_refits = 0
 
@@ -169,6 +176,9 @@ class OnlineEstimator:
     def observe(self, shape: BatchShape, measured_ms: float) -> float:
         """Record a measured batch; returns its prediction error (ms, + = slower than told)."""
         error = measured_ms - self.current.predict(shape)
+        self.num_seen += 1
+        if self.num_seen <= self.warmup:
+            return error  # a process's first batches pay one-time costs: not the shape's
         for ring, value in ((self._shapes, shape), (self._times, measured_ms),
                             (self._errors, error),
                             (self._relative, abs(error) / max(measured_ms, 1e-6))):
@@ -186,7 +196,8 @@ class OnlineEstimator:
         """δ: the `guard_quantile` of recent under-predictions (0 before any batch)."""
         if not self._errors:
             return 0.0
-        return max(0.0, float(np.quantile(self._errors, self.guard_quantile)))
+        recent = self._errors[-self.guard_window:]
+        return max(0.0, float(np.quantile(recent, self.guard_quantile)))
 
     def stats(self) -> dict[str, float]:
         """The running prediction error over the window (what the scheduler publishes)."""
@@ -200,14 +211,25 @@ class OnlineEstimator:
     def _refit(self) -> None:
         y = np.asarray(self._times)  # [n]
         p = np.asarray([self.prior.predict(s) for s in self._shapes])  # [n]
+        # Robust: a batch that shared its CPU or GPU with something else (a one-time
+        # initialisation, the OS scheduling another process in) is not what the shape costs.
+        # Scale the prior by the median ratio (least squares would follow the outliers), drop
+        # the batches off that by more than 3 robust standard deviations (MAD), and fit on the
+        # rest.
+        residual = y - float(np.median(y / np.maximum(p, 1e-9))) * p
+        spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        keep = np.abs(residual - np.median(residual)) <= max(
+            3.0 * spread, 0.05 * float(np.median(y)), 1e-3)
+        shapes = [s for s, k in zip(self._shapes, keep, strict=True) if k]
+        y, p = y[keep], p[keep]
         scale, bias = _scale_bias(p, y)
         scaled = LatencyEstimator(self.prior.a * scale, self.prior.b_compute * scale,
                                   self.prior.b_read * scale, max(0.0, self.prior.c * scale + bias))
-        best, best_err = scaled, _sse(scaled, self._shapes, y)
-        repeats = max(1, len(self._shapes) // (4 * len(_ANCHORS)))
+        best, best_err = scaled, _sse(scaled, shapes, y)
+        repeats = max(1, len(shapes) // (4 * len(_ANCHORS)))
         anchors = list(_ANCHORS) * repeats
-        full = fit(self._shapes + anchors, list(y) + [scaled.predict(s) for s in anchors])
-        full_err = _sse(full, self._shapes, y)
+        full = fit(shapes + anchors, list(y) + [scaled.predict(s) for s in anchors])
+        full_err = _sse(full, shapes, y)
         if full_err < best_err:
             best = full
         self.current = best

@@ -206,7 +206,9 @@ class WispPolicy(BatchPolicy):
        stopped where it expected rejection) × urgency weight ``1 + T_ref / (LST − start)``
        (1 for a far deadline, 2 for one about to become urgent);
     d. late and lost entries by deadline in what room is left, constraining nobody: served,
-       never dropped, but never at the cost of an entry that can still make it.
+       never dropped, but never at the cost of an entry that can still make it. An entry of
+       (c) whose own deadline this batch already overruns (a forced prefill ahead of it) is
+       lost too: the next batch starts after this one, so waiting would only make it later.
 
     It never holds back an entry it could send, so an idle verifier with a queue always gets
     a batch, and it needs no wake-up. Without an estimator it is `EDFPolicy`.
@@ -298,7 +300,12 @@ class WispPolicy(BatchPolicy):
                 if slacks and slacks[0] - batch.cost < floor:
                     break  # no time left for any of them
                 slack = queue[i].deadline_ms - base
-                if batch.cost + m <= slack and batch.add(queue[i], m, slack) and batch.full():
+                if batch.cost + m > slack:
+                    # Not urgent, yet this batch (a forced prefill, say) already runs past it:
+                    # it would miss waiting for the next one too, so it rides along as a late
+                    # one rather than wait a whole batch more.
+                    lost.append((queue[i].deadline_ms, i, m))
+                elif batch.add(queue[i], m, slack) and batch.full():
                     break
         late += lost
         if late and not batch.full():

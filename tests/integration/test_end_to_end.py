@@ -39,7 +39,10 @@ def stack(nats_url, redis_url, tmp_path_factory):
         state_dir=str(tmp_path_factory.mktemp("stack") / ".wisp"),
         # Short timeouts so failure tests recover in seconds, not the production defaults.
         extra_env={"WISP_VERIFY_TIMEOUT_S": "2", "WISP_HEARTBEAT_TIMEOUT_S": "1.5",
-                   "WISP_HEARTBEAT_S": "0.3", "OMP_NUM_THREADS": "1"})
+                   "WISP_HEARTBEAT_S": "0.3", "OMP_NUM_THREADS": "1",
+                   # SLO-tight sessions on this CPU would be refused as overloaded; admission
+                   # control has its own tests.
+                   "WISP_ADMISSION": "off"})
     s = start_stack(args)
     yield s
     stop_stack(s)
@@ -168,13 +171,31 @@ async def test_predictor_hot_swap_and_a_corrupt_model_mid_session_keep_output_ex
         await nc.jetstream().delete_object_store(PREDICTOR_BUCKET)
 
 
-async def test_killing_a_verifier_mid_generation_keeps_output_exact(stack, cases):
+@pytest.mark.parametrize("mode", ["sled", "wisp"])
+async def test_killing_a_verifier_mid_generation_keeps_output_exact(stack, cases, nc, mode):
+    """Mode wisp runs under the scheduler's `wisp` batch policy (the stack's policy is auto)
+    with SLOs tight enough on this CPU that deadlines are missed and late rounds are served;
+    sled under FCFS. Killing a verifier mid-generation changes no output token."""
+    from common.subjects import event
+
     prompts, refs = cases
-    async with Client(stack.nats_url, timeout_s=120) as client:
-        outputs = await _first_tokens_then(
-            client, prompts, lambda: stack.kill("gpu-verifier-0", signal.SIGKILL))
+    policies: list[str] = []
+
+    async def on_schedule(msg):
+        policies.append(wire.decode(wire.ScheduleEvent, msg.data).policy)
+
+    sub = await nc.subscribe(event("schedule"), cb=on_schedule)
+    try:
+        async with Client(stack.nats_url, timeout_s=120) as client:
+            outputs = await _first_tokens_then(
+                client, prompts, lambda: stack.kill("gpu-verifier-0", signal.SIGKILL),
+                mode=mode, slo=(2000.0, 15.0))
+        await asyncio.sleep(0.3)  # the last schedule events
+    finally:
+        await sub.unsubscribe()
+        stack.restart("gpu-verifier-0")
     assert outputs == refs
-    stack.restart("gpu-verifier-0")
+    assert set(policies) == {"wisp" if mode == "wisp" else "fcfs"}, set(policies)
 
 
 async def test_restarting_the_edge_drafter_loses_no_committed_token(stack, cases):

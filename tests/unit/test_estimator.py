@@ -133,3 +133,21 @@ def test_estimator_json_round_trip_and_refusals(tmp_path) -> None:
     path.write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         LatencyEstimator.load(path)
+
+
+def test_online_estimator_shrugs_off_outliers_and_warm_up() -> None:
+    """A few batches 20-60× slower than their shape (the device shared with another process,
+    a first forward's one-time costs) must not drag the fit: it stays near the truth."""
+    rng = np.random.default_rng(2)
+    truth = LatencyEstimator(a=0.05, b_compute=1e-5, b_read=2e-4, c=3.0)
+    online = OnlineEstimator(truth)
+    for _ in range(3):  # warm-up: ignored
+        online.observe(_random_shape(rng), 500.0)
+    assert online.num_observed == 0
+    for i in range(200):
+        s = _random_shape(rng)
+        slow = 40.0 if i % 13 == 0 else 1.0  # ~8 % of batches disturbed
+        online.observe(s, truth.predict(s) * slow * rng.uniform(0.97, 1.03))
+    held = [_random_shape(rng) for _ in range(50)]
+    assert score(online.current, held, [truth.predict(s) for s in held]).mape < 0.1
+    assert online.guard_ms < 0.2 * np.mean([truth.predict(s) for s in held])
