@@ -17,14 +17,16 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import structlog
-import torch
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from common.config import BaseConfig
+from common.engine.calibrate import QUICK_GRID, calibrate, hardware_name
+from common.engine.estimator import LatencyEstimator
 from common.engine.verifier import Verified, VerifierCore
 from common.errors import ErrorCode, WispError
 from common.limits import check_draft
@@ -38,6 +40,7 @@ from common.protocol import (
     BatchEntry,
     BatchEvent,
     ErrorEvent,
+    EstimatorCoefficients,
     Heartbeat,
     ModelLimits,
     SessionClose,
@@ -60,6 +63,7 @@ from common.subjects import (
     verifier_batch,
     verifier_done,
 )
+from common.transport.estimator_store import load_estimator, store_estimator
 from common.transport.service import Service, publish_event
 from services.gpu_verifier.sessions import ensure_sessions
 
@@ -81,6 +85,10 @@ class VerifierConfig(BaseConfig):
     block_size: int = 16
     heartbeat_s: float = 1.0
     max_prompt_tokens: int = 0  # 0: half the target's context
+    # Latency estimator advertised to the scheduler: "auto" (Redis, then the calibration file
+    # in estimator_dir, then a quick profiling run at start), "off", or a calibration file.
+    estimator: str = "auto"
+    estimator_dir: str = ".wisp/estimator"
 
     def __post_init__(self) -> None:
         check_token(self.verifier_id, "verifier_id")
@@ -130,6 +138,7 @@ class VerifierService(Service):
         self._worker: asyncio.Task | None = None
         self._heartbeats: asyncio.Task | None = None
         self._hardware = "cpu"
+        self.estimator: EstimatorCoefficients | None = None
         self._ready = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -145,8 +154,9 @@ class VerifierService(Service):
         self.limits = ModelLimits(
             vocab=self.model.vocab_info, k_max=cfg.k_max, max_context=runner.max_positions,
             max_prompt_tokens=cfg.max_prompt_tokens or runner.max_positions // 2)
-        self._hardware = _hardware_name(self.model.device)
+        self._hardware = hardware_name(self.model.device)
         self.store = SessionStore(self.redis)
+        self.estimator = await self._load_estimator()
         self._worker = asyncio.create_task(self._work(), name=f"{self.vid}-worker")
         self._batch_sub = await self.nc.subscribe(verifier_batch(self.vid), cb=self._on_batch)
         # No queue group: every replica frees its KV for a closed session.
@@ -221,6 +231,7 @@ class VerifierService(Service):
         queue_ms = (time.perf_counter() - arrived) * 1e3
         batch_id, entries, rejected, size = self._decode_batch(data)
         shape, lengths = _Shape(), []
+        answers: tuple[list[BatchEntry], list[Verified | WispError]] | None = None
         try:
             valid = []
             for entry in entries:  # the boundary: this model's vocabulary and k_max
@@ -235,13 +246,21 @@ class VerifierService(Service):
             if entries:
                 outcomes, shape = await self._verify(entries)
                 lengths = self._lengths(entries)
-                task = asyncio.create_task(self._answer_all(entries, outcomes, queue_ms,
-                                                            shape.batch_ms, size))
+                answers = entries, outcomes
+        finally:
+            # BatchDone goes out first (its write is queued before the answers start), then
+            # the commits and replies; the batch's event waits until they are out, so that
+            # none of its subscribers compete for the CPU with a forward's commits.
+            ev = None
+            if batch_id is not None:  # the scheduler's verifier is free again, whatever happened
+                ev = await self._publish_done(batch_id, size, shape, lengths)
+            if answers is not None:
+                task = asyncio.create_task(self._answer_all(*answers, queue_ms, shape.batch_ms,
+                                                            size, ev))
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
-        finally:
-            if batch_id is not None:  # the scheduler's verifier is free again, whatever happened
-                await self._publish_done(batch_id, size, shape, lengths)
+            elif ev is not None:
+                await publish_event(self.nc, ev)
 
     def _decode_batch(self, data: bytes) -> tuple[str | None, list[BatchEntry],
                                                   list[tuple[str, WispError]], int]:
@@ -323,14 +342,22 @@ class VerifierService(Service):
         return out
 
     async def _answer_all(self, entries: list[BatchEntry], outcomes: list[Verified | WispError],
-                          queue_ms: float, batch_ms: float, size: int) -> None:
-        limit = asyncio.Semaphore(_REDIS_CONCURRENCY)
+                          queue_ms: float, batch_ms: float, size: int,
+                          ev: BatchEvent | None = None) -> None:
+        try:
+            if len(entries) == 1:  # no task per entry (one loop pass less) for a lone one
+                await self._answer(entries[0], outcomes[0], queue_ms, batch_ms, size)
+                return
+            limit = asyncio.Semaphore(_REDIS_CONCURRENCY)
 
-        async def answer(entry: BatchEntry, outcome: Verified | WispError) -> None:
-            async with limit:
-                await self._answer(entry, outcome, queue_ms, batch_ms, size)
+            async def answer(entry: BatchEntry, outcome: Verified | WispError) -> None:
+                async with limit:
+                    await self._answer(entry, outcome, queue_ms, batch_ms, size)
 
-        await asyncio.gather(*(answer(e, o) for e, o in zip(entries, outcomes, strict=True)))
+            await asyncio.gather(*(answer(e, o) for e, o in zip(entries, outcomes, strict=True)))
+        finally:
+            if ev is not None:
+                await publish_event(self.nc, ev)
 
     async def _answer(self, entry: BatchEntry, outcome: Verified | WispError,
                       queue_ms: float, batch_ms: float, size: int) -> None:
@@ -411,7 +438,9 @@ class VerifierService(Service):
                                                 code=str(err.code), sid=sid))
 
     async def _publish_done(self, batch_id: str, size: int, shape: _Shape,
-                            lengths: list[SessionLength]) -> None:
+                            lengths: list[SessionLength]) -> BatchEvent:
+        """Publish BatchDone; the batch's event, as of now, for the caller to publish once
+        the batch's answers are out."""
         done = BatchDone(verifier_id=self.vid, batch_id=batch_id, batch_ms=shape.batch_ms,
                          size=size, num_linear=shape.num_linear,
                          num_interactions=shape.num_interactions, num_cached=shape.num_cached,
@@ -420,11 +449,11 @@ class VerifierService(Service):
             await self.nc.publish(verifier_done(self.vid), encode(done))
         except Exception:
             log.exception("done_publish_failed")
-        await publish_event(self.nc, BatchEvent(
+        return BatchEvent(
             ts_ms=now_ms(), verifier_id=self.vid, batch_id=batch_id, size=size,
             batch_ms=shape.batch_ms, num_linear=shape.num_linear,
             num_interactions=shape.num_interactions, num_cached=shape.num_cached,
-            queue_depth=self.queue_depth))
+            queue_depth=self.queue_depth)
 
     # -- heartbeats -------------------------------------------------------------------------
     def heartbeat(self) -> Heartbeat:
@@ -436,7 +465,47 @@ class VerifierService(Service):
                          total_blocks=blocks.num_blocks if blocks else 0,
                          block_size=blocks.block_size if blocks else 1,
                          num_sessions=len(self.core.sessions), limits=self.limits,
-                         ts_ms=now_ms())
+                         ts_ms=now_ms(), estimator=self.estimator)
+
+    async def _load_estimator(self) -> EstimatorCoefficients | None:
+        """This verifier's latency estimator (see `VerifierConfig.estimator`), also written to
+        Redis when it came from elsewhere. Runs before batches are taken: a profiling run has
+        the core to itself. A broken stored one is logged and replaced, never fatal."""
+        cfg = self.config
+        if cfg.estimator == "off":
+            return None
+        model, hardware = to_name(Path(self.model.name).name), self._hardware
+        est, source, fit = None, "", {}
+        if cfg.estimator != "auto":
+            est, source = LatencyEstimator.load(cfg.estimator), "file"  # asked for: fatal if bad
+        else:
+            try:
+                est, source = await load_estimator(self.redis, model, hardware), "redis"
+            except ValueError as exc:
+                log.warning("estimator_unreadable", where="redis", error=str(exc))
+            path = Path(cfg.estimator_dir) / f"{model}@{hardware}.json"
+            if est is None and path.exists():
+                try:
+                    est, source = LatencyEstimator.load(path), "file"
+                except ValueError as exc:
+                    log.warning("estimator_unreadable", where=str(path), error=str(exc))
+        if est is None:
+            try:
+                cal = await asyncio.to_thread(calibrate, self.core, QUICK_GRID, 2,
+                                              progress=lambda line: None)
+            except ValueError as exc:  # too short a context or too little KV to profile
+                log.warning("estimator_unavailable", reason=str(exc))
+                return None
+            est, source = cal.estimator, "calibrated"
+            fit = {"r2": cal.heldout.r2, "mae_ms": cal.heldout.mae_ms}
+            log.info("estimator_calibrated", model=model, hardware=hardware,
+                     heldout_r2=round(cal.heldout.r2, 4), heldout_mape=round(cal.heldout.mape, 4),
+                     shapes=len(cal.samples))
+        if source != "redis":
+            await store_estimator(self.redis, model, hardware, est, source=source, **fit)
+        log.info("estimator_loaded", source=source, model=model, hardware=hardware,
+                 **est.as_dict())
+        return EstimatorCoefficients(**est.as_dict(), source=source)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -448,8 +517,3 @@ class VerifierService(Service):
                 log.warning("heartbeat_failed", exc_info=True)
             await asyncio.sleep(self.config.heartbeat_s)
 
-
-def _hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return to_name(torch.cuda.get_device_name(device))
-    return device.type

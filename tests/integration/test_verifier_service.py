@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import torch
 from nats.aio.client import Client as NatsClient
 
+from common.engine.calibrate import hardware_name
 from common.errors import ErrorCode, WispError
 from common.models.loading import LoadedModel
 from common.protocol import (
@@ -38,12 +39,14 @@ from common.subjects import (
     SESSION_CLOSE,
     VERIFIER_HEARTBEAT,
     VERIFIERS_KEY,
+    estimator_key,
     event,
     session_key,
     session_tokens_key,
     verifier_batch,
     verifier_done,
 )
+from common.transport.estimator_store import load_estimator
 from common.transport.service import run_service
 from services.gpu_verifier.service import VerifierConfig, VerifierService
 from tests.unit.tiny_random_models import VOCAB, random_tokens, reference_logits, tiny_llama
@@ -84,14 +87,14 @@ class Running:
 
 
 @pytest_asyncio.fixture
-async def start_verifier(nats_url: str, redis_url: str,
-                         redis_client: aioredis.Redis) -> AsyncIterator[Callable]:
+async def start_verifier(nats_url: str, redis_url: str, redis_client: aioredis.Redis,
+                         tmp_path) -> AsyncIterator[Callable]:
     running: list[Running] = []
 
     async def start() -> Running:
         config = VerifierConfig(nats_url=nats_url, redis_url=redis_url, http_port=0,
                                 k_max=K_MAX, kv_budget_mb=1, heartbeat_s=0.1,
-                                drain_timeout_s=5.0)
+                                drain_timeout_s=5.0, estimator_dir=str(tmp_path))
         service = VerifierService(config, model=target())
         stop = asyncio.Event()
         task = asyncio.create_task(run_service(service, config, stop))
@@ -338,7 +341,7 @@ async def test_heartbeats_and_registry(start_verifier, subscribe, nc: NatsClient
         while (hb := decode(Heartbeat, (await hb_sub.next_msg(TIMEOUT_S)).data)).verifier_id \
                 != v.vid:
             pass
-    assert (hb.model, hb.hardware, hb.num_sessions) == ("tiny-llama", "cpu", 0)
+    assert (hb.model, hb.hardware, hb.num_sessions) == ("tiny-llama", hardware_name("cpu"), 0)
     assert 0 < hb.free_blocks == hb.total_blocks
     # It advertises what it can take: sessions are agreed against this at open.
     assert (hb.limits.k_max, hb.limits.vocab.size) == (K_MAX, VOCAB)
@@ -347,6 +350,28 @@ async def test_heartbeats_and_registry(start_verifier, subscribe, nc: NatsClient
     assert stored.verifier_id == v.vid and stored.total_blocks == hb.total_blocks
     await v.shutdown()
     assert not await redis_client.hexists(VERIFIERS_KEY, v.vid)
+
+
+async def test_estimator_is_calibrated_once_then_loaded_from_redis(
+        start_verifier, redis_client: aioredis.Redis) -> None:
+    """No coefficients in Redis (nor a file): the verifier profiles its own core at start,
+    stores them per (model, hardware) and advertises them; the next one loads them. Broken
+    stored coefficients are replaced, not fatal."""
+    key = estimator_key("tiny-llama", hardware_name("cpu"))
+    await redis_client.delete(key)
+    first = await start_verifier()
+    advertised = first.service.heartbeat().estimator
+    assert advertised is not None and advertised.source == "calibrated"
+    stored = await load_estimator(redis_client, "tiny-llama", hardware_name("cpu"))
+    assert stored is not None and stored.as_dict() == {
+        k: getattr(advertised, k) for k in ("a", "b_compute", "b_read", "c")}
+    second = await start_verifier()
+    again = second.service.heartbeat().estimator
+    assert again is not None and again.source == "redis" and again.a == advertised.a
+    await redis_client.hset(key, "a", "not a number")
+    third = await start_verifier()
+    assert third.service.heartbeat().estimator.source == "calibrated"
+    assert (await load_estimator(redis_client, "tiny-llama", hardware_name("cpu"))) is not None
 
 
 async def test_session_close_frees_the_core_session(
