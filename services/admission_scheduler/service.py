@@ -216,6 +216,7 @@ class SchedulerService(Service):
         self._stopping = False
         self._wakes: dict[str, asyncio.TimerHandle] = {}  # a policy's wake-up per verifier
         self._woken: set[asyncio.Task] = set()
+        self._deadline_writes: set[asyncio.Task] = set()  # see _keep_deadline
         self._server: Any = None  # common.transport.generation.GenerationServer once loaded
         self._server_unavailable = "server-side modes are still loading"
 
@@ -255,6 +256,8 @@ class SchedulerService(Service):
             await self._drain("submit")
             while self.registry.has_pending_work():
                 await asyncio.sleep(0.05)
+            if self._deadline_writes:
+                await asyncio.gather(*self._deadline_writes, return_exceptions=True)
         finally:
             for task in (*self._generations, *self._queued_opens):
                 task.cancel()
@@ -461,7 +464,8 @@ class SchedulerService(Service):
             raise WispError(ErrorCode.BAD_REQUEST, f"{VERIFY_SUBMIT} needs a reply inbox "
                             "(send it as a NATS request): the result goes there")
         entry = self.registry.sessions.get(req.sid)
-        if entry is None or entry.spec is None:
+        learned = entry is None or entry.spec is None
+        if learned:
             entry = await self._learn(req.sid)
         if len(req.draft_ids) > entry.spec.k_max:
             raise WispError(ErrorCode.DRAFT_TOO_LONG,
@@ -474,7 +478,9 @@ class SchedulerService(Service):
             if server_ms is not None:
                 self.downlink.observe(req.device_id, req.prev_rtt_ms - server_ms)
         downlink = self.downlink.estimate(req.device_id)
-        deadline = await self._deadline(req, arrival, downlink)
+        deadline = arrival + req.budget_ms - downlink
+        if learned:  # new to this scheduler (a restart?): a retry keeps its first deadline
+            deadline = await self._deadline(req, deadline)
         # Round 0's budget is what the TTFT left, not a round's share of the TPOT.
         sessions.submitted(entry, req.round, arrival, req.budget_ms - downlink
                            if entry.spec.slo is not None and req.round > 0 else None)
@@ -484,13 +490,17 @@ class SchedulerService(Service):
                                 num_cached=num_cached, mode=entry.spec.mode)
         vid, moved = self.registry.enqueue(pending, arrival)
         self.counters["verify_requests"] += 1
-        if moved:
-            log.warning("session_moved", to=moved[req.sid], reason="verifier not live")
-            await self._write_moves(moved)
-        if vid is None:
-            log.info("queued_without_verifier", round=req.round)
-            return
-        await self._dispatch(vid)
+        try:
+            if moved:
+                log.warning("session_moved", to=moved[req.sid], reason="verifier not live")
+                await self._write_moves(moved)
+            if vid is None:
+                log.info("queued_without_verifier", round=req.round)
+                return
+            await self._dispatch(vid)
+        finally:
+            if not learned:
+                self._keep_deadline(pending)  # after the dispatch: its batch is written first
 
     async def _learn(self, sid: str):
         """A session this scheduler has not seen (it restarted, or another one opened it):
@@ -509,12 +519,32 @@ class SchedulerService(Service):
                                     prompt_len=record.prompt_len,
                                     committed_len=record.committed_len)
 
-    async def _deadline(self, req: VerifyRequest, arrival_ms: float, downlink_ms: float) -> float:
-        """arrival + budget - the device's downlink estimate, on this clock; a retried round
-        (also after a scheduler restart) keeps the deadline of its first submit, kept in
-        wisp:deadlines."""
+    def _keep_deadline(self, pending: PendingVerify) -> None:
+        """Keep a round's deadline in wisp:deadlines without holding up the round (or the
+        next submit: NATS runs this subscription's handlers one at a time). A retried round
+        whose first deadline is there already gets that one back, and its verifier's policy
+        looks again if the round is still queued."""
+        task = asyncio.create_task(self._sync_deadline(pending))
+        self._deadline_writes.add(task)
+        task.add_done_callback(self._deadline_writes.discard)
+
+    async def _sync_deadline(self, pending: PendingVerify) -> None:
+        try:
+            stored = await self._deadline(pending.request, pending.deadline_ms)
+        except Exception as exc:  # noqa: BLE001 - the round goes on; a retry gets a new deadline
+            log.warning("deadline_write_failed", sid=pending.sid, error=str(exc))
+            return
+        if stored != pending.deadline_ms:
+            pending.deadline_ms = stored
+            vid = self.registry.verifier_of(pending.sid)
+            if vid is not None:
+                await self._guard("deadline", lambda _: self._dispatch(vid))(None)
+
+    async def _deadline(self, req: VerifyRequest, deadline: float) -> float:
+        """`deadline` (arrival + budget - the device's downlink estimate, on this clock), or
+        the deadline of the round's first submit when it is a retry (also after a scheduler
+        restart), kept in wisp:deadlines."""
         member = deadline_member(req.sid, req.round)
-        deadline = arrival_ms + req.budget_ms - downlink_ms
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(DEADLINES_KEY, {member: deadline}, nx=True)
             pipe.zscore(DEADLINES_KEY, member)

@@ -517,13 +517,14 @@ async def test_the_session_table_learns_cached_lengths_and_a_retry_keeps_its_dea
                 fake_verifiers(nc, service, ("v1", 10, True)) as (fake,)):
         sid = (await open_session(nc)).sid
         first = submit(nc, verify_request(sid))
-        await until(lambda: len(fake.batches) == 1)
+        await until(lambda: len(fake.batches) == 1 and not service._deadline_writes)
         deadline = await redis_client.zscore(DEADLINES_KEY, deadline_member(sid, 0))
         (pending,) = service.registry.verifiers["v1"].in_flight.values()
         assert (pending.entries[0].num_new, pending.entries[0].num_cached) == (5 + 3, 0)  # cold
         await asyncio.sleep(0.05)
         retry = submit(nc, verify_request(sid))  # the same round again, later
-        await until(lambda: len(service.registry.verifiers["v1"].queue) == 1)
+        await until(lambda: len(service.registry.verifiers["v1"].queue) == 1
+                    and not service._deadline_writes)
         assert service.registry.verifiers["v1"].queue[0].deadline_ms == deadline
         await fake.finish(fake.batches[0])
         await first
