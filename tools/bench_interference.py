@@ -2,12 +2,12 @@
 rounds, the same arrivals under each batch policy, side by side.
 
     .venv/bin/python tools/bench_interference.py [--policies fcfs,edf,wisp] [--warm 12]
-        [--cold 24] [--duration-s 20] [--tpot-slo-ms 0] [--ttft-slo-ms 2000] [--json OUT]
+        [--cold 40] [--cold-prompt 400] [--duration-s 20] [--tpot-slo-ms 0] [--ttft-slo-ms 2000] [--json OUT]
 
 One embedded NATS + Redis; per policy a fresh stack (1 verifier, 1 edge-drafter, admission off,
 `--batch-policy` set) and the same workload through the SDK: `--warm` sessions with short
 prompts generating long outputs (follow-up rounds, each wanting its TPOT SLO), and `--cold`
-requests with long prompts (a prefill of ~900 tokens each, few new tokens) arriving at seeded
+requests with long prompts (a prefill of `--cold-prompt` tokens each, few new tokens) arriving at seeded
 Poisson times over `--duration-s` — the requests that interfere. All greedy, mode `sled` (fixed
 k drafting), so the batch policy is the only difference between runs. With `--tpot-slo-ms 0`
 the TPOT SLO is set from a calibration run without cold requests (1.25× its median TPOT).
@@ -38,10 +38,11 @@ from common.models.reference import hf_greedy
 from services.stack.embedded import EmbeddedInfra
 from services.stack.launcher import stack_options, start_stack, stop_stack
 
-WARM_NEW, COLD_NEW, COLD_PROMPT = 64, 4, 900
+WARM_NEW, COLD_NEW = 64, 4
 
 
-def workload(tokenizer, warm: int, cold: int, duration_s: float, seed: int):
+def workload(tokenizer, warm: int, cold: int, duration_s: float, seed: int,
+             cold_prompt: int):
     """(warm prompts, cold prompts, cold arrival offsets in s): the same for every policy."""
     by_domain = held_out_prompts(tokenizer, max_tokens=64)
     short = by_domain["code"] + by_domain["prose"]
@@ -50,8 +51,8 @@ def workload(tokenizer, warm: int, cold: int, duration_s: float, seed: int):
     rng = random.Random(seed)
     longs = []
     for _ in range(cold):
-        start = rng.randrange(0, max(1, len(corpus) - COLD_PROMPT))
-        longs.append((corpus * 2)[start:start + COLD_PROMPT])
+        start = rng.randrange(0, max(1, len(corpus) - cold_prompt))
+        longs.append((corpus * 2)[start:start + cold_prompt])
     arrivals, t = [], 0.0
     for _ in range(cold):
         t += rng.expovariate(cold / duration_s)
@@ -113,7 +114,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", default="fcfs,edf,wisp")
     ap.add_argument("--warm", type=int, default=12)
-    ap.add_argument("--cold", type=int, default=24)
+    ap.add_argument("--cold", type=int, default=40)
+    ap.add_argument("--cold-prompt", type=int, default=400, help="prompt tokens of a cold one")
     ap.add_argument("--duration-s", type=float, default=20.0)
     ap.add_argument("--tpot-slo-ms", type=float, default=0.0, help="0: from a calibration run")
     ap.add_argument("--ttft-slo-ms", type=float, default=2000.0)
@@ -123,7 +125,7 @@ def main() -> None:
     configure_logging("warning")
     target = load_model(DEFAULT_TARGET, device="cpu")
     warm_prompts, cold_prompts, arrivals = workload(target.tokenizer, args.warm, args.cold,
-                                                    args.duration_s, args.seed)
+                                                    args.duration_s, args.seed, args.cold_prompt)
     refs = [hf_greedy(target.model, p, n, target.eos_token_id)
             for p, n in [(w, WARM_NEW) for w in warm_prompts]
             + [(c, COLD_NEW) for c in cold_prompts]]
@@ -159,12 +161,12 @@ def main() -> None:
             results[policy] = out
             print(f"# {policy}: {out}", flush=True)
     config = {"warm": args.warm, "warm_new_tokens": WARM_NEW, "cold": args.cold,
-              "cold_prompt_tokens": COLD_PROMPT, "cold_new_tokens": COLD_NEW,
+              "cold_prompt_tokens": args.cold_prompt, "cold_new_tokens": COLD_NEW,
               "duration_s": args.duration_s, "slo_ms": {"ttft": slo[0], "tpot": slo[1]},
               "seed": args.seed, "mode": "sled (fixed k), greedy", "verifiers": 1,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU, shipped tiny pair"}
     print(f"\n{args.warm} warm sessions x {WARM_NEW} tokens + {args.cold} cold requests "
-          f"({COLD_PROMPT}-token prompts, {COLD_NEW} tokens) over {args.duration_s:g} s; "
+          f"({args.cold_prompt}-token prompts, {COLD_NEW} tokens) over {args.duration_s:g} s; "
           f"SLO TTFT {slo[0]:g} ms, TPOT {slo[1]:g} ms; {config['machine']}\n")
     keys = ["violation_rate", "warm_violation_rate", "cold_violation_rate", "warm_tpot_p50_ms",
             "warm_tpot_p99_ms", "cold_ttft_p50_ms", "round_miss_rate", "late_dispatched",

@@ -1,6 +1,6 @@
 """Messaging overhead of one round (NATS + msgpack + Redis) on loopback vs the round's compute.
 
-    .venv/bin/python tools/bench_messaging.py [--rounds 200]
+    .venv/bin/python tools/bench_messaging.py [--rounds 200] [--k 0 4 8] [--no-spies]
 
 Measured side by side in one run:
 - msgpack: encode + decode of a VerifyRequest and its VerifyResult;
@@ -8,6 +8,12 @@ Measured side by side in one run:
 - Redis: the round's atomic commit (Lua) on a real redis-server;
 - a full round through the real admission-scheduler and gpu-verifier processes (shipped tiny
   target on this CPU), as the edge sees it, against the verifier's own batch time;
+- where that round's time goes, seen from outside the services: the benchmark also subscribes
+  to the submit subject, the verifier's batch subject and its done subject (NATS fans every
+  message out to each subscriber; the submit copy does not join the scheduler's queue group),
+  and timestamps submit published -> submit seen -> batch seen -> done seen -> reply seen on
+  one clock, next to the verifier's own queue_ms and batch_ms from the VerifyResult (medians
+  and p90 over the rounds; a segment's median is not a difference of medians);
 - compute: the same round's verify in-process (VerifierCore) and k draft steps (DrafterCore).
 """
 
@@ -32,7 +38,7 @@ from common.logs import configure_logging
 from common.models.loading import load_pair
 from common.models.runner_factory import make_runner
 from common.store import SessionRecord, SessionStore
-from common.subjects import SESSION_OPEN, VERIFY_SUBMIT
+from common.subjects import SESSION_OPEN, VERIFY_SUBMIT, verifier_batch, verifier_done
 from common.transport.service import connect_redis
 from services.stack.embedded import EmbeddedInfra
 from services.stack.launcher import stack_options, start_stack, stop_stack
@@ -71,6 +77,16 @@ def sample_request(k: int, sid: str = "0" * 32) -> tuple[wire.VerifyRequest, wir
     return req, res
 
 
+async def flush_subscriptions(nc) -> None:
+    """Make the SUBs just sent reach the server before going on. nats-py 2.16's flush() writes
+    its PING straight to the socket, ahead of commands still waiting for the flusher task (a
+    SUB just sent), so its PONG may come back before the server has the subscription (about 1
+    in 20 here: a NoRespondersError on the first request). Yielding once lets the flusher
+    write them first."""
+    await asyncio.sleep(0)
+    await nc.flush()
+
+
 async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, float]:
     req, res = sample_request(k)
     codec = timed(lambda: (wire.decode(wire.VerifyRequest, wire.encode(req)),
@@ -83,7 +99,7 @@ async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, flo
         await msg.respond(reply)
 
     await server.subscribe("bench.echo", cb=echo)
-    await server.flush()  # the subscription must reach the server before the first request
+    await flush_subscriptions(server)  # the echo must be subscribed before the first request
     payload = wire.encode(req)
     rr = await atimed(lambda: client.request("bench.echo", payload, timeout=5), n)
     redis = connect_redis(infra.redis_url)
@@ -107,7 +123,32 @@ async def bench_transport(infra: EmbeddedInfra, k: int, n: int) -> dict[str, flo
     return {"codec": med_us(codec), "nats": med_us(rr), "redis": med_us(commits)}
 
 
-async def bench_service_round(stack, k: int, n: int, target) -> dict[str, float]:
+# The segments of one round through the services, in microseconds (see `bench_service_round`).
+SEGMENTS = (
+    ("total", "round as the edge sees it (submit published -> reply seen)"),
+    ("sched", "scheduler share (submit published -> batch seen)"),
+    ("submit_hop", "  of which NATS edge -> scheduler (submit published -> its copy seen)"),
+    ("sched_in", "  of which scheduler handling + NATS hop to verifier (submit seen -> batch seen)"),
+    ("verifier", "verifier wait + forward (batch seen -> done seen)"),
+    ("queue", "  of which verifier queue_ms (batch handler -> worker picks it up)"),
+    ("batch", "  of which verifier batch_ms (the forward, to_thread hop included)"),
+    ("verifier_rest", "  of which the rest: NATS hops, decode, checks, session check, done encode"),
+    ("answer", "commit + reply (done seen -> reply seen)"),
+    ("overhead", "residual: total - batch_ms (the messaging overhead)"),
+)
+
+
+def quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def bench_service_round(stack, k: int, n: int, target,
+                              spies: bool = True) -> dict[str, float]:
+    """`n` warm rounds of one session through the scheduler and verifier, timed from outside:
+    the edge RTT, the verifier's batch time, and (with `spies`) each round split at the moments
+    the benchmark sees the submit, the batch and the done on the wire (`SEGMENTS`). The spies
+    cost the bench process three wake-ups a round on the same CPUs (--no-spies to compare)."""
     nc = await nats.connect(stack.nats_url)
     gen = torch.Generator().manual_seed(0)
     vocab = target.vocab_size
@@ -117,21 +158,76 @@ async def bench_service_round(stack, k: int, n: int, target) -> dict[str, float]
     opened = wire.decode_reply(wire.SessionOpened, (await nc.request(SESSION_OPEN, wire.encode(
         wire.SessionOpen(spec=spec, prompt_ids=prompt, vocab=target.vocab_info)),
         timeout=30)).data)
-    base, rtts, batch_ms = CONTEXT, [], []
+    # Spies: one clock (perf_counter) for every moment, taken first thing in each callback.
+    seen_submit: dict[int, float] = {}
+    seen_batch: dict[int, tuple[float, str]] = {}
+    seen_done: dict[str, float] = {}
+
+    async def on_submit(msg) -> None:
+        t = time.perf_counter()
+        req = wire.decode(wire.VerifyRequest, msg.data)
+        if req.sid == opened.sid:
+            seen_submit[req.round] = t
+
+    async def on_batch(msg) -> None:
+        t = time.perf_counter()
+        batch = wire.decode(wire.VerifierBatch, msg.data)
+        for item in batch.items:
+            if item.request.sid == opened.sid:
+                seen_batch[item.request.round] = (t, batch.batch_id)
+
+    async def on_done(msg) -> None:
+        t = time.perf_counter()
+        seen_done[wire.decode(wire.BatchDone, msg.data).batch_id] = t
+
+    subs = [await nc.subscribe(VERIFY_SUBMIT, cb=on_submit),
+            await nc.subscribe(verifier_batch(opened.verifier_id), cb=on_batch),
+            await nc.subscribe(verifier_done(opened.verifier_id), cb=on_done)] if spies else []
+    await flush_subscriptions(nc)  # the spies must be subscribed before the first round
+    base = CONTEXT
+    seg: dict[str, list[float]] = {name: [] for name, _ in SEGMENTS}
     for r in range(n + 1):
         draft = torch.randint(0, vocab, (k,), generator=gen).tolist()
         req = wire.VerifyRequest(sid=opened.sid, round=r, base_len=base, draft_ids=draft,
                                  budget_ms=10_000.0, draft_ms=0.0, device_id="bench")
+        payload = wire.encode(req)
         t = time.perf_counter()
-        msg = await nc.request(VERIFY_SUBMIT, wire.encode(req), timeout=30)
-        rtt = time.perf_counter() - t
+        msg = await nc.request(VERIFY_SUBMIT, payload, timeout=30)
+        t_reply = time.perf_counter()
         res = wire.decode_reply(wire.VerifyResult, msg.data)
         base = res.committed_len
-        if r:  # round 0 is the cold prefill
-            rtts.append(rtt)
-            batch_ms.append(res.batch_ms)
+        if not r:  # round 0 is the cold prefill
+            continue
+        ms = 1e-3  # VerifyResult's times are in ms; segments in seconds
+        seg["total"].append(t_reply - t)
+        seg["queue"].append(res.queue_ms * ms)
+        seg["batch"].append(res.batch_ms * ms)
+        seg["overhead"].append(t_reply - t - res.batch_ms * ms)
+        if not spies:
+            continue
+        for _ in range(100):  # a spy's message may trail the reply by a loop iteration or two
+            if r in seen_submit and r in seen_batch and seen_batch[r][1] in seen_done:
+                break
+            await asyncio.sleep(0.001)
+        t_submit = seen_submit[r]
+        t_batch, batch_id = seen_batch[r]
+        t_done = seen_done[batch_id]
+        seg["sched"].append(t_batch - t)
+        seg["submit_hop"].append(t_submit - t)
+        seg["sched_in"].append(t_batch - t_submit)
+        seg["verifier"].append(t_done - t_batch)
+        seg["verifier_rest"].append(t_done - t_batch - (res.queue_ms + res.batch_ms) * ms)
+        seg["answer"].append(t_reply - t_done)
+    for sub in subs:
+        await sub.unsubscribe()
     await nc.close()
-    return {"rtt": med_us(rtts), "batch": statistics.median(batch_ms) * 1e3}
+    out = {"rtt": med_us(seg["total"]), "batch": med_us(seg["batch"])}
+    for name, samples in seg.items():
+        if not samples:
+            continue
+        out[f"{name}.p50"] = med_us(samples)
+        out[f"{name}.p90"] = quantile(samples, 0.9) * 1e6
+    return out
 
 
 def bench_compute(k: int, n: int, draft, target) -> dict[str, float]:
@@ -172,7 +268,8 @@ async def main_async(args) -> None:
             rows = []
             for k in args.k:
                 transport = await bench_transport(infra, k, args.rounds)
-                service = await bench_service_round(stack, k, args.rounds, target)
+                service = await bench_service_round(stack, k, args.rounds, target,
+                                                    spies=not args.no_spies)
                 compute = bench_compute(k, args.rounds, draft, target)
                 overhead = service["rtt"] - service["batch"]
                 rows.append((k, transport, service, compute, overhead))
@@ -189,6 +286,15 @@ async def main_async(args) -> None:
         print(f"| {k} | {t['codec']:.0f} | {t['nats']:.0f} | {t['redis']:.0f} | {s['rtt']:.0f} | "
               f"{s['batch']:.0f} | {o:.0f} | {o / s['rtt']:.0%} | {c['verify']:.0f} | "
               f"{c['draft']:.0f} |")
+    if args.no_spies:
+        return
+    print("\nWhere a round through the services goes (microseconds; each segment's own median "
+          "and p90 over the rounds, so the medians need not add up):\n")
+    print("| segment | " + " | ".join(f"k={k} p50 | k={k} p90" for k, *_ in rows) + " |")
+    print("|---|" + "---|---|" * len(rows))
+    for name, label in SEGMENTS:
+        print(f"| {label} | " + " | ".join(
+            f"{s[name + '.p50']:.0f} | {s[name + '.p90']:.0f}" for _, _, s, _, _ in rows) + " |")
 
 
 def main() -> None:
@@ -196,6 +302,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--k", type=int, nargs="+", default=[0, 4, 8])
+    ap.add_argument("--no-spies", action="store_true",
+                    help="time the rounds without subscribing to the submit, batch and done "
+                         "subjects (the edge RTT alone; no breakdown)")
     args = ap.parse_args()
     configure_logging("warning")
     asyncio.run(main_async(args))
