@@ -245,6 +245,16 @@ async def test_bad_input_gets_clear_errors_while_others_continue(stack, cases, n
             await generate_ids(client, [5] * 5000, "sled")
         assert err.value.code == ErrorCode.PROMPT_TOO_LONG
 
+        # A prompt that fits but cannot grow by max_new_tokens in the target's context: refused
+        # at open, before any round, for an edge mode and a server-side mode alike.
+        for mode in ("wisp", "centralized"):
+            gen = client.generate(None, prompt_ids=prompts[2], max_new_tokens=2040, mode=mode)
+            with pytest.raises(ServerError) as err:
+                async for _ in gen:
+                    pass
+            assert err.value.code == ErrorCode.SEQUENCE_TOO_LONG, mode
+            assert "context" in err.value.message
+
         # A draft longer than k_max, sent for a real session.
         spec = wire.SessionSpec(sid=wire.new_sid(), mode="sled", max_new_tokens=8,
                                 device_id="test", k_max=8)
