@@ -186,7 +186,7 @@ class EDFPolicy(BatchPolicy):
         return Selection(chosen, late=count_late(chosen, now_ms, verifier))
 
 
-class WispPolicy(BatchPolicy):
+class WispPolicy(EDFPolicy):
     """WISP's SLO-aware batching (Mechanism 2) under the latency estimator T̂ and guard δ.
 
     With ``start`` the time the batch can start (now, or after the batches in flight) and
@@ -216,23 +216,10 @@ class WispPolicy(BatchPolicy):
 
     name = "wisp"
 
-    def __init__(self, max_batch_size: int = 32, max_batch_tokens: int = 8192,
-                 starvation_passes: int = 8):
-        self.edf = EDFPolicy(max_batch_size, max_batch_tokens, starvation_passes)
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.starvation_passes = starvation_passes
-
-    @classmethod
-    def from_config(cls, config: Any) -> WispPolicy:
-        return cls(max_batch_size=config.max_batch_size,
-                   max_batch_tokens=config.max_batch_tokens,
-                   starvation_passes=getattr(config, "starvation_passes", 8))
-
     def select(self, queue: Sequence[PendingVerify], now_ms: float,
                verifier: VerifierState) -> Selection:
         if verifier.estimator is None or not queue:
-            return self.edf.select(queue, now_ms, verifier)
+            return super().select(queue, now_ms, verifier)
         a, b, r, c = estimator_terms(verifier.estimator)
         t_ref = c
         if verifier.recent_done:
