@@ -64,7 +64,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from common.engine.estimator import BatchShape
-from common.protocol import AdmissionEvent, Slo
+from common.protocol import SERVER_MODES, AdmissionEvent, SessionOpen, Slo
+from services.admission_scheduler.sessions import SessionEntry
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_MS",
@@ -108,6 +109,20 @@ class AdmittedSession:
     server_share: float | None = None  # None: the controller's (1.0 suits server-side modes)
     sid: str = ""  # for the reason only
 
+    @classmethod
+    def of(cls, e: SessionEntry) -> AdmittedSession | None:
+        """What the scheduler's session table knows of a session; None for one that asks for
+        no more rounds (finished, not yet closed) or whose spec it has not learned."""
+        if e.spec is None:
+            return None
+        remaining = e.spec.max_new_tokens - (e.committed_len - e.prompt_len)
+        if remaining <= 0:
+            return None
+        return cls(k=e.spec.k_max, context_len=e.committed_len, remaining_tokens=remaining,
+                   slo=e.spec.slo, server_budget_ms=e.server_budget_ms,
+                   tokens_per_round=e.tokens_per_round or None,
+                   server_share=1.0 if e.spec.mode in SERVER_MODES else None, sid=e.sid)
+
     def row(self) -> tuple[int, int]:
         """(tokens fed, tokens cached) of one warm round, at the midpoint of what remains."""
         return self.k + 1, self.context_len + self.remaining_tokens // 2
@@ -122,6 +137,13 @@ class Candidate:
     max_new_tokens: int
     slo: Slo | None = None
     server_share: float | None = None  # None: the controller's
+
+    @classmethod
+    def of(cls, req: SessionOpen) -> Candidate:
+        spec = req.spec
+        return cls(prompt_len=len(req.prompt_ids), k=spec.k_max,
+                   max_new_tokens=spec.max_new_tokens, slo=spec.slo,
+                   server_share=1.0 if spec.mode in SERVER_MODES else None)
 
     def row(self) -> tuple[int, int]:
         return self.k + 1, self.prompt_len + self.max_new_tokens // 2

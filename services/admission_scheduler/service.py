@@ -407,25 +407,11 @@ class SchedulerService(Service):
 
     def _decide(self, req: SessionOpen, vid: str) -> AdmissionDecision:
         """Admission's verdict on `req` joining `vid` at its current load."""
-        admitted = []
-        for sid in self.registry.sessions.sids_of(vid):
-            e = self.registry.sessions.get(sid)
-            if e is None or e.spec is None or sid == req.spec.sid:
-                continue
-            remaining = e.spec.max_new_tokens - (e.committed_len - e.prompt_len)
-            if remaining <= 0:
-                continue  # finished, not yet closed: it asks for no more rounds
-            admitted.append(AdmittedSession(
-                k=e.spec.k_max, context_len=e.committed_len, remaining_tokens=remaining,
-                slo=e.spec.slo, server_budget_ms=e.server_budget_ms,
-                tokens_per_round=e.tokens_per_round or None,
-                server_share=1.0 if e.spec.mode in SERVER_MODES else None, sid=sid))
-        spec = req.spec
-        candidate = Candidate(prompt_len=len(req.prompt_ids), k=spec.k_max,
-                              max_new_tokens=spec.max_new_tokens, slo=spec.slo,
-                              server_share=1.0 if spec.mode in SERVER_MODES else None)
+        sessions = self.registry.sessions
+        admitted = [a for sid in sessions.sids_of(vid) if sid != req.spec.sid
+                    and (a := AdmittedSession.of(sessions.entries[sid])) is not None]
         est = self.registry.verifiers[vid].estimator
-        return self.admission.decide(candidate, admitted,
+        return self.admission.decide(Candidate.of(req), admitted,
                                      est.current if est is not None else None,
                                      est.guard_ms if est is not None else 0.0)
 

@@ -225,3 +225,23 @@ def test_decisions_become_admission_events() -> None:
 def test_controller_refuses_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         AdmissionController(**kwargs)
+
+
+def test_the_session_table_and_an_open_as_admission_sees_them() -> None:
+    from common.protocol import SessionOpen, SessionSpec, VocabInfo
+    from services.admission_scheduler.sessions import SessionEntry
+
+    spec = SessionSpec(sid="s1", mode="wisp", max_new_tokens=10, k_max=6,
+                       slo=Slo(ttft_ms=500.0, tpot_ms=20.0))
+    entry = SessionEntry("s1", "v", 0.0, spec=spec, prompt_len=30, committed_len=34,
+                         server_budget_ms=55.0, tokens_per_round=2.5)
+    assert AdmittedSession.of(entry) == AdmittedSession(
+        k=6, context_len=34, remaining_tokens=6, slo=spec.slo, server_budget_ms=55.0,
+        tokens_per_round=2.5, server_share=None, sid="s1")
+    entry.committed_len = 40  # its 10 tokens are out: it asks for no more rounds
+    assert AdmittedSession.of(entry) is None
+    assert AdmittedSession.of(SessionEntry("s2", "v", 0.0)) is None  # spec not learned yet
+    server = SessionSpec(sid="s3", mode="centralized", max_new_tokens=8, k_max=4)
+    vocab = VocabInfo(size=100, digest="0123456789abcdef")
+    assert Candidate.of(SessionOpen(spec=server, prompt_ids=[1, 2, 3], vocab=vocab)) == \
+        Candidate(prompt_len=3, k=4, max_new_tokens=8, slo=None, server_share=1.0)
