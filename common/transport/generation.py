@@ -17,6 +17,7 @@ session core's.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -258,6 +259,9 @@ class GenerationServer:
     async def _open_or_resume(self, req: wire.GenerateRequest) -> tuple[EdgeSession, SessionCore]:
         if req.resume_sid:
             return await self._resume(req)
+        # TTFT counts from the request's arrival: opening the session (admission, the
+        # drafter's prefill of the prompt) is part of the wait for the first token.
+        received = time.monotonic()  # SessionCore's clock
         self._check_mode(req.mode)
         drafting = self._drafts(req.mode)
         k_max = req.k_max or self.default_k_max
@@ -280,7 +284,7 @@ class GenerationServer:
             await self.drafter.open(spec, prompt_ids, policy)
         log.info("session_opened", sid=spec.sid, verifier=opened.verifier_id, mode=req.mode,
                  prompt_tokens=len(prompt_ids))
-        return core.session(spec, prompt_ids), core
+        return core.session(spec, prompt_ids, started_s=received), core
 
     async def _prompt_ids(self, req: wire.GenerateRequest) -> list[int]:
         if req.prompt_ids is not None:
