@@ -59,3 +59,18 @@ def test_a_missing_stack_or_trace_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["replay", "--trace", str(TRACE), "--mode", "sled",
                  "--state-dir", str(tmp_path)]) == 2
     assert "no running stack" in capsys.readouterr().err
+
+
+def test_capacity_probes_the_running_stack_and_writes_its_report(stack, tmp_path) -> None:
+    """The search end to end at a tiny scale (the full run is docs/benchmarks.md's)."""
+    out = tmp_path / "cap"
+    assert main(["capacity", "--trace", str(TRACE), "--start", "100", "--max-requests", "4",
+                 "--output-tokens", "8", "--modes", "sled", "--repeats", "1", "--steps", "0",
+                 "--max-load", "2", "--nats-url", stack.nats_url, "--out-dir", str(out)]) == 0
+    result = json.loads((out / "capacity.json").read_text())
+    probes = result["modes"]["sled"]["probes"]
+    assert [p["load"] for p in probes] == [1.0, 2.0] and all(p["passed"] for p in probes)
+    assert result["capacity_rps"]["sled"] == probes[-1]["offered_rps"]
+    for name in ("vs_load.png", "cdf_at_capacity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "never failed" in (out / "capacity.md").read_text()

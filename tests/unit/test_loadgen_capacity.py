@@ -1,0 +1,57 @@
+"""Capacity search logic on synthetic attainment curves (no stack)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadgen.capacity import Probe, ratios, search
+
+
+def curve(knee: float, repeats: int = 2):
+    """A probe whose attainment is 100 % up to `knee` and falls linearly to 0 at 2 × knee."""
+    calls: list[float] = []
+
+    def probe(load: float) -> Probe:
+        calls.append(load)
+        att = 1.0 if load <= knee else max(0.0, 1.0 - (load - knee) / knee)
+        return Probe(load, [att] * repeats, [load * att] * repeats, offered_rps=load * 10)
+
+    return probe, calls
+
+
+@pytest.mark.parametrize("knee", [0.3, 1.0, 3.3, 20.0])
+def test_the_bracket_holds_the_90_percent_load(knee: float) -> None:
+    probe, calls = curve(knee)
+    found = search(probe, steps=4)
+    true = knee * 1.1  # attainment(load) = 0.9 there
+    assert found.passed.load <= true < found.failed.load
+    assert found.failed.load / found.passed.load <= 2 ** (1 / 16) + 1e-9  # 4 bisections of ×2
+    assert len(calls) == len(found.probes) <= 12
+    result = found.as_dict(base_rps=10.0)
+    assert result["capacity_rps"] == pytest.approx(found.passed.load * 10)
+    assert [p["load"] for p in result["probes"]] == sorted(calls)
+
+
+def test_never_failing_or_never_passing_is_said_not_guessed() -> None:
+    probe, _ = curve(1000.0)
+    found = search(probe, max_load=8.0)
+    assert found.failed is None and found.passed.load == 8.0
+    assert found.as_dict(None)["first_failing_load"] is None
+    probe, _ = curve(1e-6)
+    found = search(probe, min_load=0.25)
+    assert found.passed is None and found.failed.load == 0.25
+    assert found.as_dict(None)["capacity_rps"] is None
+
+
+def test_repeats_average_and_their_spread_is_the_error_bar() -> None:
+    p = Probe(2.0, [0.8, 1.0], [1.0, 3.0], offered_rps=5.0)
+    assert p.attainment == pytest.approx(0.9) and p.passed
+    point = p.point("wisp")
+    assert point["load"] == 5.0 and point["err"] == {"slo_attainment": pytest.approx(0.1),
+                                                     "goodput_rps": 1.0}
+
+
+def test_ratios_between_modes() -> None:
+    out = ratios({"wisp": 4.0, "sled": 2.0, "centralized": None}, ("centralized", "sled"))
+    assert out["wisp"] == {"vs_centralized": None, "vs_sled": 2.0}
+    assert out["sled"] == {"vs_centralized": None}
