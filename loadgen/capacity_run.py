@@ -19,9 +19,11 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from loadgen.capacity import Probe, ratios, search
+from loadgen.partition import apply, edges_behind, pin_self, plan
 from loadgen.report import RequestRecord, plot_cdfs, plot_vs_load, summarize, write_json
 from loadgen.runner import replay
 from loadgen.setup import Job, offered_rps, prepare
@@ -54,13 +56,18 @@ def run_capacity(args: Any) -> int:
             infra = stack_ctx.enter_context(EmbeddedInfra(os.path.join(tmp, "infra")))
         for mode in modes:
             _say(f"[capacity] mode {mode}")
-            with _stack_for(args, infra, mode) as url:
+            with _stack_for(args, infra) as (url, pinned):
                 records_by_load: dict[float, list[RequestRecord]] = {}
-                found = search(functools.partial(_probe, url, mode, job,
-                                                 repeats=args.repeats, keep=records_by_load),
+                rounds: list[Any] = []
+                found = search(functools.partial(_probe, url, mode, job, repeats=args.repeats,
+                                                 keep=records_by_load, rounds=rounds),
                                start=args.start_load, steps=args.steps, max_load=args.max_load,
                                say=_say)
             per_mode[mode] = found.as_dict(base)
+            per_mode[mode]["partition"] = pinned
+            devices = {r.sid: r.device or "none" for recs in records_by_load.values()
+                       for r in recs if r.sid}
+            per_mode[mode]["edges_behind"] = edges_behind(rounds, devices)
             points += [p.point(mode) for p in found.probes]
             if found.passed is not None:
                 at_capacity[mode] = records_by_load[found.passed.load]
@@ -71,7 +78,9 @@ def run_capacity(args: Any) -> int:
         "capacity_ratios": ratios(capacities, BASELINES),
         "goodput_ratios": ratios(goodputs, BASELINES),
         "workload": {"trace": str(args.trace), "requests": len(job.specs), "base_rps": base,
-                     "capped_to_model": len(job.capped), "slo_class": args.slo_class},
+                     "capped_to_model": len(job.capped), "slo_class": args.slo_class,
+                     "fleet": job.fleet},
+        "valid": all(r["edges_behind"]["valid"] for r in per_mode.values()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "config": Job.config_dict(args),
     }
@@ -88,7 +97,7 @@ def run_capacity(args: Any) -> int:
 
 
 def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
-           keep: dict[float, list[RequestRecord]]) -> Probe:
+           keep: dict[float, list[RequestRecord]], rounds: list[Any]) -> Probe:
     """Replay the workload at `load` × its rate `repeats` times; the last repeat's records are
     kept by load (for the CDFs at capacity)."""
     specs = rescale(job.specs, rate_scale=load)
@@ -102,23 +111,36 @@ def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
         goodputs.append(res["goodput_rps"] or 0.0)
         results.append(res)
         keep[load] = outcome.records
+        rounds += outcome.round_events
     return Probe(load, attainments, goodputs, offered, results)
 
 
 @contextlib.contextmanager
-def _stack_for(args: Any, infra: Any, mode: str):
-    """The NATS URL to probe `mode` at: the given stack, or a fresh embedded one."""
+def _stack_for(args: Any, infra: Any):
+    """(NATS URL, CPU partition report): the given stack (not partitioned: it is not ours), or
+    a fresh embedded one whose server side and edges are pinned to disjoint CPUs, with this
+    process on the edges' side."""
     if infra is None:
-        yield args.nats_url
+        yield args.nats_url, None
         return
     from services.stack.launcher import stack_options, start_stack, stop_stack
 
+    part = plan() if args.partition else None
+    threads = str(max(1, min(len(part.server), len(part.edges)))) if part else None
     with tempfile.TemporaryDirectory() as state:
         stack = start_stack(stack_options(
             nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=1, device="cpu",
-            state_dir=os.path.join(state, ".wisp")))
+            state_dir=os.path.join(state, ".wisp"),
+            extra_env={"OMP_NUM_THREADS": threads} if threads else {}))
         try:
-            yield stack.nats_url
+            pinned = None
+            if part is not None:
+                # The servers were started before the stack: pin them too (by pid).
+                pinned = apply(SimpleNamespace(services=stack.services, infra=infra), part)
+                pinned["self"] = pin_self(part)
+                _say(f"[capacity] CPUs: server side {sorted(part.server)}, edges and loadgen "
+                     f"{sorted(part.edges)}" + (f" ({part.reason})" if part.shared else ""))
+            yield stack.nats_url, pinned
         finally:
             stop_stack(stack)
 
@@ -148,4 +170,16 @@ def _markdown(result: dict[str, Any]) -> str:
                      f"{fmt(gr.get('vs_sled'))} |")
     lines += ["", "Capacity: the highest probed load whose mean SLO attainment over the repeats "
               "was >= 90 %; the first failing load bounds it from above."]
+    fleet = w["fleet"]
+    lines += ["", f"Fleet `{fleet['name']}`: " + ", ".join(
+        f"{name} {p['share']:.0%}" for name, p in fleet["profiles"].items())
+        + " (connectivity gaps not emulated)."]
+    for mode, r in result["modes"].items():
+        part, behind = r.get("partition"), r["edges_behind"]
+        where = ("not partitioned (an external stack)" if part is None else
+                 f"server CPUs {part['server']}, edge CPUs {part['edges']}"
+                 + (" (shared: " + str(part["reason"]) + ")" if part["shared"] else ""))
+        lines.append(f"- {mode}: {where}; edges behind their profile: "
+                     f"{behind.get('share_behind', 0):.1%} of judged rounds"
+                     + ("" if behind["valid"] else " — INVALID run: the edges fell behind"))
     return "\n".join(lines) + "\n"

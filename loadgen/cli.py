@@ -36,7 +36,11 @@ def _workload_options(p: argparse.ArgumentParser) -> None:
                    help="force every request's output length")
     p.add_argument("--slo-class", default="standard",
                    help="SLO class of requests that name none ('none': no SLO)")
-    p.add_argument("--seed", type=int, default=0, help="prompt text selection")
+    p.add_argument("--seed", type=int, default=0, help="prompt text and device draws")
+    p.add_argument("--fleet", default="none",
+                   help="emulated edge fleet (loadgen/fleets.toml): mixed, phones, wired, "
+                        "jetsons, none; requests that name a device keep it")
+    p.add_argument("--fleets-file", type=Path, default=None, help="more fleets (TOML)")
     p.add_argument("--target", default=None, help="target model folder (tokenizer, limits)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
     p.add_argument("--json", dest="json_out", type=Path, default=None)
@@ -53,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--nats-url", default=None)
     rp.add_argument("--state-dir", default=".wisp", help="where `wisp up` wrote stack.json")
     rp.add_argument("--markdown", type=Path, default=None)
+    rp.add_argument("--plots", type=Path, default=None,
+                    help="write cdf.png (TTFT/TPOT) and over_time.png (batch size, acceptance "
+                         "length) to this folder")
     cp = sub.add_parser("capacity", help="per mode, the highest load with SLO attainment >= 90 %%")
     _workload_options(cp)
     cp.add_argument("--modes", default=",".join(MODES))
@@ -64,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="probe this stack for every mode (default: an embedded stack per mode)")
     cp.add_argument("--out-dir", type=Path, default=Path("loadgen-results"),
                     help="JSON, Markdown and plots go here")
+    cp.add_argument("--no-partition", dest="partition", action="store_false",
+                    help="do not pin the embedded stack's server side and edges to disjoint "
+                         "CPUs")
     return ap
 
 
@@ -104,7 +114,7 @@ def _replay(args) -> int:
     # Rates are over the measured window: the run less its warm-up.
     result = summarize(outcome.records, duration_s=max(0.0, outcome.duration_s - args.warmup_s),
                        offered_rps=offered_rps(job.specs), warmup_s=args.warmup_s)
-    result.update({"mode": args.mode, "trace": str(args.trace),
+    result.update({"mode": args.mode, "trace": str(args.trace), "fleet": job.fleet,
                    "capped_in_workload": len(job.capped), "stopped_early": outcome.stopped_early,
                    "config": job.config_dict(args)})
     text = markdown(result, title=f"loadgen replay: {args.trace.name}, mode {args.mode}")
@@ -113,6 +123,12 @@ def _replay(args) -> int:
         write_json(result, args.json_out)
     if args.markdown:
         args.markdown.write_text(text)
+    if args.plots:
+        from loadgen.report import plot_cdfs, plot_over_time
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        plot_cdfs({args.mode: outcome.records}, args.plots / "cdf.png")
+        plot_over_time(outcome.rounds, args.plots / "over_time.png")
     return 0 if outcome.stopped_early is None else 1
 
 

@@ -68,6 +68,8 @@ class RequestRecord:
     server_ttft_ms: float | None = None  # the server's GenerateDone.timings (agreement check)
     server_tpot_ms: float | None = None
     capped: bool = False  # its lengths were capped to the model (reported)
+    sid: str | None = None  # the session the server gave it (joins it to round events)
+    device: str | None = None  # the device profile it asked for
 
     @property
     def ttft_ms(self) -> float | None:

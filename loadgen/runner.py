@@ -11,13 +11,18 @@ goes to stderr while it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import nats
 
 from common.client import Client, WispClientError
-from loadgen.report import RequestRecord
+from common.protocol import RoundEvent, decode
+from common.subjects import event
+from loadgen.report import RequestRecord, RoundSample
 from loadgen.workload import PromptBuilder, RequestSpec, SloClass, slo_for
 
 __all__ = ["ReplayConfig", "ReplayOutcome", "replay"]
@@ -39,6 +44,8 @@ class ReplayOutcome:
     records: list[RequestRecord]
     duration_s: float  # first send to last completion
     stopped_early: str | None = None  # why the error budget stopped it
+    rounds: list[RoundSample] = field(default_factory=list)  # the stack's round events
+    round_events: list[RoundEvent] = field(default_factory=list, repr=False)
 
 
 async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder,
@@ -49,11 +56,23 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
     capped = capped or set()
     records = [RequestRecord(index=s.index, mode=config.mode, sent_s=0.0, first_token_s=None,
                              done_s=None, prompt_tokens=s.prompt_tokens,
-                             capped=s.index in capped) for s in specs]
+                             capped=s.index in capped, device=s.device) for s in specs]
     prompt_ids = [prompts.ids_for(s) for s in specs]  # built before the clock starts
     state = _Progress(len(specs))
     stop = asyncio.Event()
 
+    rounds: list[RoundSample] = []
+    round_events: list[RoundEvent] = []
+    events = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+
+    async def on_round(msg) -> None:
+        with contextlib.suppress(ValueError):  # another build's event: not ours to judge
+            ev = decode(RoundEvent, msg.data)
+            if ev.mode == config.mode:
+                rounds.append(RoundSample.from_event(ev))
+                round_events.append(ev)
+
+    await events.subscribe(event("round"), cb=on_round)
     async with Client(nats_url, timeout_s=config.request_timeout_s) as client:
         start = time.perf_counter()
 
@@ -82,6 +101,7 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
         finally:
             reporter.cancel()
         end = max((r.done_s for r in records if r.done_s is not None), default=start)
+    await events.drain()
     sent = [r for r in records if r.sent_s > 0]
     say(f"[loadgen] {config.mode}: {state.sent}/{len(specs)} sent, {state.done - state.failed} "
         f"completed, {state.failed} failed in {end - start:.1f} s")
@@ -90,7 +110,7 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
         why = (f"error budget: {state.failed} of {state.done} requests failed "
                f"(> {config.max_error_rate:.0%}); the rest were not sent")
         say(f"[loadgen] stopped early: {why}")
-    return ReplayOutcome(sent, end - start, why)
+    return ReplayOutcome(sent, end - start, why, rounds, round_events)
 
 
 async def _run_one(client: Client, rec: RequestRecord, prompt_ids: list[int], spec: RequestSpec,
@@ -108,6 +128,7 @@ async def _run_one(client: Client, rec: RequestRecord, prompt_ids: list[int], sp
         done = gen.done
         rec.ok = done is not None and done.finish_reason != "error"
         if done is not None:
+            rec.sid = done.sid
             rec.server_ttft_ms = done.timings.ttft_ms
             rec.server_tpot_ms = done.timings.tpot_ms
             if done.error is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadgen.fleet import assign, describe, load_fleets
 from loadgen.runner import ReplayConfig
 from loadgen.workload import (
     DEFAULT_SLO_CLASSES,
@@ -33,6 +34,7 @@ class Job:
     default_slo_class: str | None
     timeout_s: float
     context: int
+    fleet: dict[str, Any]  # loadgen.fleet.describe of the fleet the devices were drawn from
 
     def config(self, mode: str) -> ReplayConfig:
         return ReplayConfig(mode=mode, slo_classes=DEFAULT_SLO_CLASSES,
@@ -66,8 +68,12 @@ def prepare(args: Any) -> Job:
     specs, _ = cap_lengths(specs, max_prompt_tokens=context // 2,
                            max_output_tokens=context // 2, max_context=context - DRAFT_ROOM)
     capped = {s.index for s in specs if (s.prompt_tokens, s.output_tokens) != asked[s.index]}
+    fleets = load_fleets(getattr(args, "fleets_file", None))
+    if args.fleet not in fleets:
+        raise ValueError(f"unknown fleet {args.fleet!r}; known: {sorted(fleets)}")
+    specs = assign(specs, fleets[args.fleet], args.seed)
     return Job(specs, capped, PromptBuilder(tokenizer, seed=args.seed), default, args.timeout_s,
-               context)
+               context, describe(fleets[args.fleet]))
 
 
 def offered_rps(specs: list[RequestSpec]) -> float | None:

@@ -43,6 +43,14 @@ PROFILES: dict[str, DeviceProfile] = {
                       downlink_kbps=30_000),
         DeviceProfile("slow-phone-4g", draft_ms_per_token=25.0, rtt_ms=60.0, jitter_ms=15.0,
                       uplink_kbps=10_000, downlink_kbps=30_000),
+        # The emulated fleets' devices (loadgen/fleets.toml), assumptions like the rest: a
+        # Jetson-class box on Wi-Fi, a phone on LTE, and a wired edge server drafting on a
+        # server-class CPU. No connectivity gaps: the edge emulates none (a link never drops).
+        DeviceProfile("jetson-wifi", draft_ms_per_token=8.0, rtt_ms=20.0, jitter_ms=5.0,
+                      uplink_kbps=50_000, downlink_kbps=100_000),
+        DeviceProfile("phone-lte", draft_ms_per_token=25.0, rtt_ms=60.0, jitter_ms=15.0,
+                      uplink_kbps=10_000, downlink_kbps=30_000),
+        DeviceProfile("edge-server-wired", draft_ms_per_token=3.0, rtt_ms=2.0, jitter_ms=0.5),
     )
 }
 

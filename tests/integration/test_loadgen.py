@@ -34,7 +34,8 @@ def test_a_trace_slice_replays_through_the_stack(stack, tmp_path, capsys, mode) 
     # compressed 4x in time, 12 output tokens each.
     assert main(["replay", "--trace", str(TRACE), "--mode", mode, "--start", "100",
                  "--max-requests", "8", "--time-compression", "4", "--output-tokens", "12",
-                 "--nats-url", stack.nats_url, "--json", str(out)]) == 0
+                 "--nats-url", stack.nats_url, "--json", str(out),
+                 "--plots", str(tmp_path / "plots")]) == 0
     result = json.loads(out.read_text())
     assert (result["requests"], result["completed"], result["failed"]) == (8, 8, 0)
     assert 0 <= result["slo_attainment"] <= 1 and result["goodput_rps"] >= 0
@@ -50,6 +51,8 @@ def test_a_trace_slice_replays_through_the_stack(stack, tmp_path, capsys, mode) 
     # 1,024-token prompt limit and capped (the result says so).
     assert result["capped_in_workload"] == 6
     assert "| " in capsys.readouterr().out  # the Markdown summary was printed
+    for name in ("cdf.png", "over_time.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_missing_stack_or_trace_is_a_clear_error(tmp_path, capsys) -> None:
