@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from loadgen.capacity import Probe, ratios, search
-from loadgen.partition import apply, edges_behind, pin_self, plan
+from loadgen.partition import Partition, apply, edges_behind, pin_self, plan
 from loadgen.report import RequestRecord, plot_cdfs, plot_vs_load, summarize, write_json
 from loadgen.runner import replay
 from loadgen.setup import Job, offered_rps, prepare
@@ -46,6 +46,8 @@ def run_capacity(args: Any) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     per_mode: dict[str, dict[str, Any]] = {}
     points: list[dict[str, Any]] = []
+    # Planned once, before anything is pinned: pin_self narrows this process's own CPUs.
+    part = plan() if args.partition and not args.nats_url else None
     at_capacity: dict[str, list[RequestRecord]] = {}
     with contextlib.ExitStack() as stack_ctx:
         infra = None
@@ -56,13 +58,13 @@ def run_capacity(args: Any) -> int:
             infra = stack_ctx.enter_context(EmbeddedInfra(os.path.join(tmp, "infra")))
         for mode in modes:
             _say(f"[capacity] mode {mode}")
-            with _stack_for(args, infra) as (url, pinned):
+            with _stack_for(args, infra, part) as (url, pinned):
                 records_by_load: dict[float, list[RequestRecord]] = {}
                 rounds: list[Any] = []
                 found = search(functools.partial(_probe, url, mode, job, repeats=args.repeats,
                                                  keep=records_by_load, rounds=rounds),
                                start=args.start_load, steps=args.steps, max_load=args.max_load,
-                               say=_say)
+                               min_load=args.min_load, say=_say)
             per_mode[mode] = found.as_dict(base)
             per_mode[mode]["partition"] = pinned
             devices = {r.sid: r.device or "none" for recs in records_by_load.values()
@@ -116,7 +118,7 @@ def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
 
 
 @contextlib.contextmanager
-def _stack_for(args: Any, infra: Any):
+def _stack_for(args: Any, infra: Any, part: Partition | None):
     """(NATS URL, CPU partition report): the given stack (not partitioned: it is not ours), or
     a fresh embedded one whose server side and edges are pinned to disjoint CPUs, with this
     process on the edges' side."""
@@ -125,7 +127,6 @@ def _stack_for(args: Any, infra: Any):
         return
     from services.stack.launcher import stack_options, start_stack, stop_stack
 
-    part = plan() if args.partition else None
     threads = str(max(1, min(len(part.server), len(part.edges)))) if part else None
     with tempfile.TemporaryDirectory() as state:
         stack = start_stack(stack_options(

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--steps", type=int, default=3, help="bisection steps after bracketing")
     cp.add_argument("--start-load", type=float, default=1.0, help="first rate multiplier")
     cp.add_argument("--max-load", type=float, default=64.0)
+    cp.add_argument("--min-load", type=float, default=1 / 64,
+                    help="give up below this (a mode that fails even there has no capacity "
+                         "under these SLOs and devices)")
     cp.add_argument("--nats-url", default=None,
                     help="probe this stack for every mode (default: an embedded stack per mode)")
     cp.add_argument("--out-dir", type=Path, default=Path("loadgen-results"),
