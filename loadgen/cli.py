@@ -94,15 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _nats_url(args) -> str:
-    if args.nats_url:
-        return args.nats_url
-    from services.stack.launcher import find_stack
+    from services.stack.launcher import stack_nats_url
 
-    stack = find_stack(args.state_dir)
-    if stack is None:
-        raise RuntimeError(f"no running stack found in {args.state_dir}/stack.json: start one "
-                           "with `wisp up` or pass --nats-url")
-    return stack["nats_url"]
+    return stack_nats_url(args.nats_url, args.state_dir)
 
 
 def _replay(args) -> int:

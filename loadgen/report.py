@@ -24,13 +24,14 @@ Definitions, the same as the metrics service's (services/metrics/aggregate.py):
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.stats import percentile
 
 __all__ = [
     "PERCENTILE_METHOD",
@@ -131,18 +132,6 @@ class RoundSample:
 
 
 # -- small pure helpers -----------------------------------------------------------------------
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) of ascending ``sorted_values``, interpolating linearly
-    between closest ranks (numpy's default, as services/metrics/aggregate.py); None when
-    empty."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _round(v: float | None, digits: int = 3) -> float | None:
     return None if v is None else round(v, digits)
 

@@ -139,15 +139,9 @@ def _local_policy(mode: str, spec: str | None, predictor: str | None):
 
 
 def _stack_nats_url(args) -> str:
-    from services.stack.launcher import find_stack
+    from services.stack.launcher import stack_nats_url
 
-    if args.nats_url:
-        return args.nats_url
-    stack = find_stack(args.state_dir)
-    if stack is None:
-        raise RuntimeError(f"no running stack found in {args.state_dir}/stack.json: start one "
-                           "with `wisp up`, pass --nats-url, or use --local")
-    return stack["nats_url"]
+    return stack_nats_url(args.nats_url, args.state_dir, ", or use --local")
 
 
 def cmd_generate_remote(args: argparse.Namespace) -> int:

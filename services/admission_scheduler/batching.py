@@ -151,6 +151,16 @@ def count_late(chosen: Sequence[PendingVerify], now_ms: float, verifier: Verifie
                                    + r * e.num_cached) < offset)
 
 
+def finish(queue: Sequence[PendingVerify], chosen: list[PendingVerify], now_ms: float,
+           verifier: VerifierState) -> Selection:
+    """The selection of `chosen` (empty: nothing now), with the starvation count and the late
+    count every policy keeps."""
+    if not chosen:
+        return Selection([])
+    pass_over(queue, chosen)
+    return Selection(chosen, late=count_late(chosen, now_ms, verifier))
+
+
 def pass_over(queue: Sequence[PendingVerify], chosen: Sequence[PendingVerify]) -> None:
     """Count one more batch formed without each queued entry that is not in `chosen`."""
     for entry in queue:
@@ -220,10 +230,7 @@ class FCFSPolicy(BatchPolicy):
             batch.append(entry)
             sids.add(entry.sid)
             num_tokens += entry.num_tokens
-        if not batch:
-            return Selection([])
-        pass_over(queue, batch)
-        return Selection(batch, late=count_late(batch, now_ms, verifier))
+        return finish(queue, batch, now_ms, verifier)
 
 
 POLICIES: dict[str, type[BatchPolicy]] = {FCFSPolicy.name: FCFSPolicy}

@@ -29,10 +29,9 @@ from services.admission_scheduler.batching import (
     PendingVerify,
     Selection,
     VerifierState,
-    count_late,
     entry_kv_claim,
     estimator_terms,
-    pass_over,
+    finish,
 )
 
 __all__ = ["SCAN_FACTOR", "STARVATION_LOOKAHEAD", "EDFPolicy", "WispPolicy"]
@@ -179,11 +178,7 @@ class EDFPolicy(BatchPolicy):
                 if batch.add(queue[i]) and batch.full():
                     break
         batch.fallback(queue)
-        chosen = batch.entries
-        if not chosen:
-            return Selection([])
-        pass_over(queue, chosen)
-        return Selection(chosen, late=count_late(chosen, now_ms, verifier))
+        return finish(queue, batch.entries, now_ms, verifier)
 
 
 class WispPolicy(EDFPolicy):
@@ -303,11 +298,7 @@ class WispPolicy(EDFPolicy):
                 if batch.add(queue[i], m) and batch.full():
                     break
         batch.fallback(queue)
-        chosen = batch.entries
-        if not chosen:
-            return Selection([])
-        pass_over(queue, chosen)
-        return Selection(chosen, late=count_late(chosen, now_ms, verifier))
+        return finish(queue, batch.entries, now_ms, verifier)
 
 
 def _cheapest(items: list[_T], limit: int) -> Iterator[_T]:

@@ -82,6 +82,7 @@ from common.protocol import (
     ScheduleEvent,
     VerdictEvent,
 )
+from common.stats import percentile
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
@@ -124,17 +125,6 @@ DECISION_BUCKETS_S = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3
 def event_kind(event: AnyEvent) -> str:
     """The event's type tag: the last token of its subject ``wisp.events.{kind}``."""
     return type(event).__struct_config__.tag
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) of ascending ``sorted_values``, interpolating linearly
-    between closest ranks (numpy's default); None when empty."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def slo_outcome(event: RequestEvent) -> str:

@@ -422,5 +422,18 @@ def find_stack(state_dir: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+def stack_nats_url(nats_url: str | None, state_dir: str, otherwise: str = "") -> str:
+    """`nats_url` if given, else the NATS of the stack `wisp up` runs from `state_dir`; a
+    RuntimeError saying how to get one when there is none (`otherwise`: the caller's other
+    ways, e.g. "or use --local")."""
+    if nats_url:
+        return nats_url
+    stack = find_stack(state_dir)
+    if stack is None:
+        raise RuntimeError(f"no running stack found in {state_dir}/stack.json: start one with "
+                           f"`wisp up`, pass --nats-url{otherwise}")
+    return stack["nats_url"]
+
+
 def _say(text: str) -> None:
     print(f"[wisp up] {text}", file=sys.stderr, flush=True)
