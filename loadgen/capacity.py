@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TARGET_ATTAINMENT", "Probe", "Search", "search"]
+from loadgen.report import CAPACITY_ATTAINMENT
 
-TARGET_ATTAINMENT = 0.9
+__all__ = ["Probe", "Search", "ratios", "search"]
 
 
 @dataclass(slots=True)
@@ -29,7 +29,6 @@ class Probe:
     attainments: list[float]  # one per repeat
     goodputs_rps: list[float]
     offered_rps: float | None = None
-    results: list[dict[str, Any]] = field(default_factory=list, repr=False)  # summarize() each
 
     @property
     def attainment(self) -> float:
@@ -41,7 +40,7 @@ class Probe:
 
     @property
     def passed(self) -> bool:
-        return self.attainment >= TARGET_ATTAINMENT
+        return self.attainment >= CAPACITY_ATTAINMENT
 
     def point(self, mode: str) -> dict[str, Any]:
         """For `plot_vs_load`: the mean, with the spread over repeats as the error bar."""

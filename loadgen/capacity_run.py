@@ -23,10 +23,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from loadgen.capacity import Probe, ratios, search
+from loadgen.job import Job, offered_rps, prepare
 from loadgen.partition import Partition, apply, edges_behind, pin_self, plan
 from loadgen.report import RequestRecord, plot_cdfs, plot_vs_load, summarize, write_json
 from loadgen.runner import replay
-from loadgen.setup import Job, offered_rps, prepare
 from loadgen.workload import rescale
 
 __all__ = ["run_capacity"]
@@ -104,17 +104,16 @@ def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
     kept by load (for the CDFs at capacity)."""
     specs = rescale(job.specs, rate_scale=load)
     offered = offered_rps(specs)
-    attainments, goodputs, results = [], [], []
+    attainments, goodputs = [], []
     for _ in range(repeats):
         outcome = asyncio.run(replay(url, specs, job.prompts, job.config(mode),
                                      capped=job.capped, say=lambda line: None))
         res = summarize(outcome.records, duration_s=outcome.duration_s, offered_rps=offered)
         attainments.append(res["slo_attainment"] or 0.0)
         goodputs.append(res["goodput_rps"] or 0.0)
-        results.append(res)
         keep[load] = outcome.records
         rounds += outcome.round_events
-    return Probe(load, attainments, goodputs, offered, results)
+    return Probe(load, attainments, goodputs, offered)
 
 
 @contextlib.contextmanager

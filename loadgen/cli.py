@@ -100,9 +100,9 @@ def _nats_url(args) -> str:
 
 
 def _replay(args) -> int:
+    from loadgen.job import offered_rps, prepare
     from loadgen.report import markdown, summarize, write_json
     from loadgen.runner import replay
-    from loadgen.setup import offered_rps, prepare
 
     url = _nats_url(args)
     job = prepare(args)
@@ -121,11 +121,12 @@ def _replay(args) -> int:
     if args.markdown:
         args.markdown.write_text(text)
     if args.plots:
-        from loadgen.report import plot_cdfs, plot_over_time
+        from loadgen.report import RoundSample, plot_cdfs, plot_over_time
 
         args.plots.mkdir(parents=True, exist_ok=True)
         plot_cdfs({args.mode: outcome.records}, args.plots / "cdf.png")
-        plot_over_time(outcome.rounds, args.plots / "over_time.png")
+        plot_over_time([RoundSample.from_event(e) for e in outcome.round_events],
+                       args.plots / "over_time.png")
     return 0 if outcome.stopped_early is None else 1
 
 

@@ -22,7 +22,7 @@ import nats
 from common.client import Client, WispClientError
 from common.protocol import RoundEvent, decode
 from common.subjects import event
-from loadgen.report import RequestRecord, RoundSample
+from loadgen.report import RequestRecord
 from loadgen.workload import PromptBuilder, RequestSpec, SloClass, slo_for
 
 __all__ = ["ReplayConfig", "ReplayOutcome", "replay"]
@@ -44,8 +44,7 @@ class ReplayOutcome:
     records: list[RequestRecord]
     duration_s: float  # first send to last completion
     stopped_early: str | None = None  # why the error budget stopped it
-    rounds: list[RoundSample] = field(default_factory=list)  # the stack's round events
-    round_events: list[RoundEvent] = field(default_factory=list, repr=False)
+    round_events: list[RoundEvent] = field(default_factory=list, repr=False)  # of its mode
 
 
 async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder,
@@ -61,7 +60,6 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
     state = _Progress(len(specs))
     stop = asyncio.Event()
 
-    rounds: list[RoundSample] = []
     round_events: list[RoundEvent] = []
     events = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
 
@@ -69,7 +67,6 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
         with contextlib.suppress(ValueError):  # another build's event: not ours to judge
             ev = decode(RoundEvent, msg.data)
             if ev.mode == config.mode:
-                rounds.append(RoundSample.from_event(ev))
                 round_events.append(ev)
 
     await events.subscribe(event("round"), cb=on_round)
@@ -110,7 +107,7 @@ async def replay(nats_url: str, specs: list[RequestSpec], prompts: PromptBuilder
         why = (f"error budget: {state.failed} of {state.done} requests failed "
                f"(> {config.max_error_rate:.0%}); the rest were not sent")
         say(f"[loadgen] stopped early: {why}")
-    return ReplayOutcome(sent, end - start, why, rounds, round_events)
+    return ReplayOutcome(sent, end - start, why, round_events)
 
 
 async def _run_one(client: Client, rec: RequestRecord, prompt_ids: list[int], spec: RequestSpec,

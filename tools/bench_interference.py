@@ -63,12 +63,9 @@ def workload(tokenizer, warm: int, cold: int, duration_s: float, seed: int,
 async def run(url: str, warm_prompts, cold_prompts, arrivals, slo, refs) -> dict:
     async def one(client: Client, prompt, max_new: int, delay_s: float):
         await asyncio.sleep(delay_s)
-        gen = client.generate(None, prompt_ids=prompt, max_new_tokens=max_new, mode="sled",
-                              slo=slo)
-        ids: list[int] = []
-        async for tok in gen:
-            ids.extend(tok.token_ids)
-        return ids, gen.done
+        out = await client.generate_text(None, prompt_ids=prompt, max_new_tokens=max_new,
+                                         mode="sled", slo=slo)
+        return out.token_ids, out.done
 
     async with Client(url, timeout_s=600) as client:
         started = time.perf_counter()

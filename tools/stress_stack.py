@@ -40,12 +40,9 @@ def held_out(tokenizer, n: int) -> list[list[int]]:
 async def run_mode(url: str, prompts, refs, mode: str, profile: str | None,
                    max_new: int) -> str:
     async def one(client: Client, prompt):
-        gen = client.generate(None, prompt_ids=prompt, max_new_tokens=max_new, mode=mode,
-                              device_profile=profile)
-        ids: list[int] = []
-        async for tok in gen:
-            ids.extend(tok.token_ids)
-        return ids, gen.done
+        out = await client.generate_text(None, prompt_ids=prompt, max_new_tokens=max_new,
+                                         mode=mode, device_profile=profile)
+        return out.token_ids, out.done
 
     async with Client(url, timeout_s=300) as client:
         start = time.perf_counter()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.stats import percentile
+
 __all__ = ["BatchShape", "FitReport", "LatencyEstimator", "OnlineEstimator", "fit", "score"]
 
 
@@ -128,16 +130,6 @@ def score(est: LatencyEstimator, shapes: list[BatchShape], times_ms: list[float]
                      mape=float(np.mean(np.abs(y - p) / np.maximum(y, 1e-9))), n=len(y))
 
 
-def _quantile(values: list[float], q: float) -> float:
-    """np.quantile(values, q) (linear interpolation) for a short list, without numpy's
-    per-call overhead (tens of µs; this runs on the scheduler's dispatch path)."""
-    ordered = sorted(values)
-    h = (len(ordered) - 1) * q
-    lo = math.floor(h)
-    a, b, t = ordered[lo], ordered[min(lo + 1, len(ordered) - 1)], h - lo
-    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t  # numpy's _lerp, bit for bit
-
-
 # Canonical batch shapes (batch size × tokens fed × tokens cached per request) at which the
 # online refit is anchored to the scaled prior: directions the recent batches do not span
 # (e.g. no cold prefill for a while) keep the calibrated behaviour instead of extrapolating.
@@ -210,7 +202,8 @@ class OnlineEstimator:
             return 0.0
         if self._guard is None:  # once per observed batch, not on every dispatch
             recent = self._errors[-self.guard_window:]
-            self._guard = max(0.0, _quantile(recent, self.guard_quantile))
+            # Pure Python: numpy's per-call overhead (tens of µs) is more than a short sort.
+            self._guard = max(0.0, percentile(sorted(recent), 100 * self.guard_quantile))
         return self._guard
 
     def stats(self) -> dict[str, float]:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from common.engine.estimator import BatchShape, LatencyEstimator
+from common.engine.estimator import LatencyEstimator
 from common.protocol import BatchDone, ModelLimits, Slo, VerifyRequest
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "VerifierState",
     "count_late",
     "entry_kv_claim",
-    "estimator_terms",
     "kv_claim",
     "make_policy",
     "pass_over",
@@ -128,23 +127,13 @@ def entry_kv_claim(entry: PendingVerify, block_size: int) -> int:
     return -(-(entry.num_cached + entry.num_new) // size) - -(-entry.num_cached // size)
 
 
-def estimator_terms(estimator: Any) -> tuple[float, float, float, float]:
-    """(a, b_compute, b_read, c) of an estimator: read off a `LatencyEstimator` (or an online
-    one's ``current``), else found by predicting the unit shapes (the model is affine)."""
-    est = getattr(estimator, "current", estimator)
-    if isinstance(est, LatencyEstimator):
-        return est.a, est.b_compute, est.b_read, est.c
-    c = estimator.predict(BatchShape(0, 0, 0))
-    return (estimator.predict(BatchShape(1, 0, 0)) - c, estimator.predict(BatchShape(0, 1, 0)) - c,
-            estimator.predict(BatchShape(0, 0, 1)) - c, c)
-
-
 def count_late(chosen: Sequence[PendingVerify], now_ms: float, verifier: VerifierState) -> int:
     """Entries of `chosen` past their latest start time (deadline − T̂ alone − δ) at `now_ms`;
     0 without an estimator (unknown)."""
     if verifier.estimator is None:
         return 0
-    a, b, r, c = estimator_terms(verifier.estimator)
+    est = verifier.estimator
+    a, b, r, c = est.a, est.b_compute, est.b_read, est.c
     offset = now_ms + c + verifier.guard_ms
     return sum(1 for e in chosen
                if e.deadline_ms - ((a + b * (e.num_new + e.num_cached)) * e.num_new

@@ -30,7 +30,6 @@ from services.admission_scheduler.batching import (
     Selection,
     VerifierState,
     entry_kv_claim,
-    estimator_terms,
     finish,
 )
 
@@ -215,7 +214,8 @@ class WispPolicy(EDFPolicy):
                verifier: VerifierState) -> Selection:
         if verifier.estimator is None or not queue:
             return super().select(queue, now_ms, verifier)
-        a, b, r, c = estimator_terms(verifier.estimator)
+        est = verifier.estimator
+        a, b, r, c = est.a, est.b_compute, est.b_read, est.c
         t_ref = c
         if verifier.recent_done:
             last = verifier.recent_done[-1]

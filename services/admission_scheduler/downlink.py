@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-import numpy as np
+from common.stats import percentile
 
 __all__ = ["DownlinkEstimator"]
 
@@ -51,7 +51,7 @@ class DownlinkEstimator:
         samples = self._samples.get(device)
         if samples is None or len(samples) < self.min_samples:
             return self.default_ms
-        value = float(np.quantile(samples, self.quantile)) / 2.0
+        value = percentile(sorted(samples), 100 * self.quantile) / 2.0
         self._cache[device] = value
         return value
 

@@ -150,12 +150,7 @@ class VerifierRegistry:
             return None
         busy = {e.sid for e in v.queue}
         busy.update(e.sid for b in v.in_flight.values() for e in b.entries)
-        size = max(1, v.block_size)
-        idle = 0
-        for sid in self.sessions.sids_of(vid):
-            if sid not in busy:
-                entry = self.sessions.get(sid)
-                idle += -(-entry.cached_len // size) if entry is not None else 0
+        idle = self.sessions.cached_blocks(vid, v.block_size, busy)
         claimed = sum(b.kv_claim for b in v.in_flight.values())
         return max(0, v.free_blocks + idle - claimed)
 

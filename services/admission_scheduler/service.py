@@ -549,9 +549,7 @@ class SchedulerService(Service):
         met = 0
         for e in finished.entries:
             met += now <= e.deadline_ms
-            entry = self.registry.sessions.get(e.sid)
-            if entry is not None and entry.last_round == e.request.round:
-                entry.round_done_ms = now
+            self.registry.sessions.round_done(e.sid, e.request.round, now)
         missed = len(finished.entries) - met
         self.counters["deadlines_met"] += met
         self.counters["deadlines_missed"] += missed

@@ -65,6 +65,13 @@ class SessionTable:
     def sids_of(self, vid: str) -> set[str]:
         return set(self._by_verifier.get(vid, ()))
 
+    def cached_blocks(self, vid: str, block_size: int, skip: set[str]) -> int:
+        """KV blocks `vid` holds for its sessions not in `skip`, by their cached lengths."""
+        size = max(1, block_size)
+        entries = self.entries
+        return sum(-(-entries[sid].cached_len // size)
+                   for sid in self._by_verifier.get(vid, ()) if sid not in skip)
+
     def num_sessions(self, vid: str) -> int:
         return len(self._by_verifier.get(vid, ()))
 
@@ -127,6 +134,12 @@ class SessionTable:
         if round != entry.last_round:
             entry.last_round, entry.round_arrival_ms, entry.round_done_ms = round, now_ms, 0.0
         entry.server_budget_ms = server_budget_ms
+
+    def round_done(self, sid: str, round: int, now_ms: float) -> None:
+        """The forward of `sid`'s `round` ended (its batch's `done`)."""
+        entry = self.entries.get(sid)
+        if entry is not None and entry.last_round == round:
+            entry.round_done_ms = now_ms
 
     def round_server_ms(self, entry: SessionEntry, round: int) -> float | None:
         """The scheduler-side time of `round` (arrival to its forward's end), when known."""

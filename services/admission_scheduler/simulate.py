@@ -204,7 +204,7 @@ def simulate(policy_name: str, w: Workload,
         state = VerifierState(verifier_id="v0", block_size=w.block_size,
                               free_blocks=w.kv_budget_blocks, total_blocks=w.kv_budget_blocks,
                               recent_done=(last_done,) if last_done else (),
-                              estimator=online, guard_ms=online.guard_ms,
+                              estimator=online.current, guard_ms=online.guard_ms,
                               kv_budget_blocks=w.kv_budget_blocks)
         selection = policy.select(queue, now, state)
         chosen = selection.entries
