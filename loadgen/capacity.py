@@ -29,6 +29,13 @@ class Probe:
     attainments: list[float]  # one per repeat
     goodputs_rps: list[float]
     offered_rps: float | None = None
+    # edges_behind() over this probe's rounds (None: not judged): a probe whose edges fell
+    # behind their profiles measured the host running them, not the fleet.
+    edges: dict[str, Any] | None = None
+
+    @property
+    def edges_kept_up(self) -> bool:
+        return self.edges is None or bool(self.edges["valid"])
 
     @property
     def attainment(self) -> float:
@@ -55,7 +62,10 @@ class Probe:
                 "attainments": [round(a, 4) for a in self.attainments],
                 "goodput_rps": round(self.goodput_rps, 4),
                 "goodputs_rps": [round(g, 4) for g in self.goodputs_rps],
-                "passed": self.passed}
+                "passed": self.passed,
+                "edges_share_behind": (round(self.edges["share_behind"], 4)
+                                       if self.edges is not None else None),
+                "edges_kept_up": self.edges_kept_up}
 
 
 @dataclass(slots=True)
@@ -75,6 +85,9 @@ class Search:
                 "goodput_rps_at_capacity": self.passed.goodput_rps if self.passed else None,
                 "first_failing_load": self.failed.load if self.failed else None,
                 "first_failing_rps": rps(self.failed),
+                # The answer stands only if the edges kept up at both ends of the bracket: a
+                # failure where they fell behind may be the emulating host's, not the server's.
+                "valid": all(p.edges_kept_up for p in (self.passed, self.failed) if p),
                 "probes": [p.as_dict() for p in sorted(self.probes, key=lambda p: p.load)]}
 
 
@@ -90,7 +103,10 @@ def search(probe: Callable[[float], Probe], *, start: float = 1.0, growth: float
         probes.append(p)
         say(f"[capacity] load x{load:.3g}: attainment {p.attainment:.1%} "
             f"({', '.join(f'{a:.0%}' for a in p.attainments)}), goodput "
-            f"{p.goodput_rps:.3g} req/s -> {'pass' if p.passed else 'fail'}")
+            f"{p.goodput_rps:.3g} req/s -> {'pass' if p.passed else 'fail'}"
+            + ("" if p.edges is None or not p.edges["rounds"] else
+               f"; edges behind in {p.edges['share_behind']:.1%} of rounds"
+               + ("" if p.edges_kept_up else " (INVALID: the host fell behind the fleet)")))
         return p
 
     first = run(start)

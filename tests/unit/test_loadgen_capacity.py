@@ -55,3 +55,25 @@ def test_ratios_between_modes() -> None:
     out = ratios({"wisp": 4.0, "sled": 2.0, "centralized": None}, ("centralized", "sled"))
     assert out["wisp"] == {"vs_centralized": None, "vs_sled": 2.0}
     assert out["sled"] == {"vs_centralized": None}
+
+
+def test_validity_is_judged_at_the_bracket_not_at_overloaded_probes() -> None:
+    """Edges falling behind far above capacity is expected; at either end of the bracket it
+    means the emulating host, not the server, decided the answer."""
+    def edges(share: float) -> dict:
+        return {"valid": share <= 0.05, "share_behind": share, "rounds": 100}
+
+    def probe(behind_from: float):
+        def run(load: float) -> Probe:
+            att = 1.0 if load <= 2.0 else 0.5
+            return Probe(load, [att], [load], edges=edges(0.5 if load >= behind_from else 0.0))
+        return run
+
+    ok = search(probe(behind_from=8.0), steps=0)  # probes 1, 2, 4 (fails); 8 never probed
+    assert (ok.passed.load, ok.failed.load) == (2.0, 4.0)
+    assert ok.as_dict(None)["valid"] is True
+    bad = search(probe(behind_from=4.0), steps=0)  # the first failing probe fell behind
+    result = bad.as_dict(None)
+    assert result["valid"] is False
+    assert [p["edges_kept_up"] for p in result["probes"]] == [True, True, False]
+    assert Probe(1.0, [1.0], [1.0]).edges_kept_up  # not judged: nothing to fall behind
