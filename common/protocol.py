@@ -61,6 +61,7 @@ __all__ = [
     "MalformedReply",
     "ModelLimits",
     "PredictorUpdated",
+    "RefusalEvent",
     "RequestEvent",
     "RoundEvent",
     "ScheduleEvent",
@@ -611,8 +612,22 @@ class AdmissionEvent(_Event, tag="admission", kw_only=True):
     retry_after_ms: Ms = 0.0
 
 
+class RefusalEvent(_Event, tag="refusal", kw_only=True):
+    """A generation refused before its first round, as its client was told: sent where the
+    request is served (common.transport.generation, in the edge-drafter, or in the scheduler
+    for server-side modes) whoever decided it: the edge (a prompt over its model's limits, an
+    unknown device profile or policy), the scheduler at open (the verifiers' limits,
+    ``overloaded``; it also sends its own ``error`` and ``admission`` events) or a resume of
+    an unknown session. The metrics service counts refusals from these alone."""
+
+    code: Name  # an ErrorCode value
+    mode: Mode | None = None  # None: unknown (a resume, or a request that did not decode)
+    sid: Id | None = None  # the session id it would have had (a resume: the resumed one)
+    retry_after_ms: Ms | None = None  # as in the error reply (overloaded)
+
+
 AnyEvent = (RequestEvent | RoundEvent | VerdictEvent | BatchEvent | ErrorEvent | ScheduleEvent
-            | AdmissionEvent)
+            | AdmissionEvent | RefusalEvent)
 
 
 class PredictorUpdated(_Message, kw_only=True):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv (once; again when pyproject.toml changes) and run the main job or the tests.
 #   bash tools/bootstrap.sh run [wisp generate args...]   main job on the embedded default
-#   bash tools/bootstrap.sh test [pytest args...]         lint + the whole test suite
+#   bash tools/bootstrap.sh test [pytest args...]         lint + the whole test suite (installs
+#                                                         chromium via apt-get as root if missing)
 # Environment: PYTHON (default python3, must be >= 3.11); WISP_TORCH_SPEC (default
 # torch==2.13.0, the CPU wheel on the project machines; GPU users may name their own build).
 set -euo pipefail
@@ -38,6 +39,36 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The dashboard test renders the metrics page in headless Chromium. Where apt-get can install
+# it (Debian/Ubuntu, as root) it is installed; anywhere else that test skips and says how.
+ensure_chromium() {
+  local name
+  [ -n "${WISP_CHROMIUM:-}" ] && return 0
+  for name in chromium chromium-browser google-chrome; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+  done
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] chromium not found and no apt-get here: the dashboard test will skip" >&2
+    return 0
+  fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "[bootstrap] chromium not found and not root: the dashboard test will skip" \
+      "(install it with: sudo apt-get install -y chromium)" >&2
+    return 0
+  fi
+  echo "[bootstrap] installing chromium (apt-get) for the dashboard test" >&2
+  local log
+  log="$(mktemp)"
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >"$log" 2>&1 \
+         || { apt-get update -q >"$log" 2>&1 \
+              && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >"$log" 2>&1; }; }
+  then
+    echo "[bootstrap] could not install chromium; the dashboard test will skip. apt-get said:" >&2
+    tail -n 5 "$log" >&2
+  fi
+  rm -f "$log"
+}
+
 case "$mode" in
   setup) ;;
   run)
@@ -48,6 +79,7 @@ case "$mode" in
     fi
     exec "$venv/bin/wisp" "$@";;
   test)
+    ensure_chromium
     "$venv/bin/ruff" check .
     exec "$venv/bin/python" -m pytest "$@";;
 esac

@@ -7,7 +7,8 @@ the one round loop (`common.engine.session.SessionCore`) with a NATS verify port
 event and `wisp.session.close`. The verifier commits to Redis before replying, so nothing a
 client sees is ever lost; a new edge can resume a session from Redis alone. An open that fails
 (a bad request, or `overloaded`: admission control refused it) ends the stream with that
-error reply, `retry_after_ms` included; only CAPACITY and UNAVAILABLE are retried here.
+error reply, `retry_after_ms` included, and a refusal event (whoever refused it: this process
+or the scheduler); only CAPACITY and UNAVAILABLE are retried here.
 
 Transport only: retries and waiting out a restarting scheduler live in `NatsVerifyPort`, link
 emulation is a hook (`Link`) the edge-drafter supplies, and everything about a round is the
@@ -34,7 +35,7 @@ from common.limits import check_prompt
 from common.protocol import ModelLimits, SessionSpec
 from common.store import SessionStore
 from common.subjects import SESSION_CLOSE, SESSION_OPEN, VERIFY_SUBMIT
-from common.transport.service import publish_event
+from common.transport.service import publish_event, publish_refusal
 
 __all__ = ["Detokenizer", "GenerationServer", "Link", "NatsVerifyPort", "nats_request"]
 
@@ -171,11 +172,20 @@ class GenerationServer:
     elsewhere: Mapping[str, str] = field(default_factory=dict)  # mode -> subject serving it
 
     async def serve(self, request: wire.GenerateRequest, reply_to: str) -> None:
+        # Drawn here rather than at open so that a refusal names the session it would have been
+        # (the scheduler's admission event for the same open carries it too).
+        sid = request.resume_sid or wire.new_sid()
         try:
-            session, core = await self._open_or_resume(request)
+            if request.resume_sid:
+                session, core = await self._resume(request)
+            else:
+                session, core = await self._open(request, sid)
         except WispError as err:
             log.warning("generate_rejected", code=str(err.code), reason=err.message)
             await self._publish(reply_to, wire.error_reply(err))
+            # A resume's mode is the stored session's, unknown when it could not be loaded.
+            await publish_refusal(self.nc, err, sid=sid,
+                                  mode=None if request.resume_sid else request.mode)
             return
         with structlog.contextvars.bound_contextvars(sid=session.sid):
             await self._stream(session, core, reply_to)
@@ -256,9 +266,8 @@ class GenerationServer:
     def _drafts(self, mode: str) -> bool:
         return self.drafter is not None and mode != "centralized"
 
-    async def _open_or_resume(self, req: wire.GenerateRequest) -> tuple[EdgeSession, SessionCore]:
-        if req.resume_sid:
-            return await self._resume(req)
+    async def _open(self, req: wire.GenerateRequest,
+                    sid: str) -> tuple[EdgeSession, SessionCore]:
         # TTFT counts from the request's arrival: opening the session (admission, the
         # drafter's prefill of the prompt) is part of the wait for the first token.
         received = time.monotonic()  # SessionCore's clock
@@ -271,7 +280,7 @@ class GenerationServer:
         policy = self.policies.for_session(req.mode, req.policy) if drafting else None
         prompt_ids = await self._prompt_ids(req)
         check_prompt(prompt_ids, self.limits)
-        spec = SessionSpec(sid=wire.new_sid(), mode=req.mode, max_new_tokens=req.max_new_tokens,
+        spec = SessionSpec(sid=sid, mode=req.mode, max_new_tokens=req.max_new_tokens,
                            sampling=req.sampling, seed=req.seed, k_max=k_max, slo=req.slo,
                            device_id=self.device_id)
         core = self._core(req, spec.sid, drafting)  # a bad device profile fails before opening

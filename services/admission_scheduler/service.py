@@ -77,7 +77,7 @@ from common.subjects import (
     deadline_member,
     verifier_batch,
 )
-from common.transport.service import Service, publish_event
+from common.transport.service import Service, publish_event, publish_refusal
 from services.admission_scheduler.admission import (
     AdmissionController,
     AdmissionDecision,
@@ -730,6 +730,8 @@ class SchedulerService(Service):
             await self._publish(reply_to, error_reply(err))
         await publish_event(self.nc, ErrorEvent(ts_ms=now_ms(), service=SERVICE_NAME,
                                                 code=str(err.code), sid=sid))
+        if what == "generate":  # refused before serving: the metrics count every refusal
+            await publish_refusal(self.nc, err, sid=sid)
 
     async def _publish(self, subject: str, data: bytes) -> None:
         try:

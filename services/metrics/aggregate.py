@@ -19,7 +19,9 @@ one handler per class:
   policy, the estimator's prediction next to the verifier's measured forward, the guard δ, the
   policy's decision time, deadlines met and missed, late dispatches;
 * :class:`~common.protocol.AdmissionEvent` (``admission``): a session open as admission control
-  decided it — outcome (admitted, queued, refused), predicted round time, budget, retry hint.
+  decided it — outcome (admitted, queued, refused), predicted round time, budget, retry hint;
+* :class:`~common.protocol.RefusalEvent` (``refusal``): a generation refused before its first
+  round, as its client was told — code, mode (None: unknown), sid.
 
 Their schema is checked once, where they are decoded (``decode(AnyEvent, data)``: types, ranges,
 names, accepted ≤ drafted); an aggregator trusts what it is given. A payload that does not
@@ -36,7 +38,12 @@ Definitions (docs/architecture.md, "Metrics"):
 * SLO attainment = met / requests that carry an SLO (requests without one are reported apart);
 * goodput = output tokens (and requests) per second of requests that met their SLO, over the
   mode's observed window: from the start of its earliest request (receipt − e2e) to the
-  receipt of its latest, on this process's clock (edge and server clocks are not synchronised);
+  receipt of its latest, on this process's clock (edge and server clocks are not synchronised).
+  It is unknown (None, with ``goodput_note`` saying why), not 0, while no request of the mode
+  carried an SLO; requests without one are left out of it and counted in the note;
+* live throughput = output tokens (and requests) of the requests received in the last
+  ``live_window_s`` per second of that window (or of the mode's observed window, while it is
+  shorter);
 * acceptance length = accepted draft tokens per round; acceptance rate = accepted / drafted;
   WDT = Σ ``wasted_draft_ms`` of rounds. These come from round events (the edge's view); the
   per-request totals of request events (``stats``) are reported apart (``per_request``) so
@@ -51,13 +58,18 @@ observed − predicted, > 0: batches run slower than predicted, the sign of the 
 error and guard), deadlines met and missed and the violation rate (missed / both), late
 dispatches, and the policy's decision time. Admission (``admission``): decisions by outcome,
 the refusal rate over final decisions (refused / (admitted + refused); a queued open is decided
-again later), and the latest decision, overall and per verifier.
+again later), and the latest decision, overall and per verifier. Refusals (``refusal``): the
+generations refused before their first round, by mode and error code — what clients were told
+(common.transport.generation publishes them), whichever service decided it (the scheduler's ``error`` and ``admission`` events for the same open are counted apart, as
+that service's own view). Verifier batch sizes per mode come from round events (the size of the
+batch each round was verified in); the ``batches`` section is the verifiers' view of all modes.
 
 Latency histograms and percentiles cover requests that did not fail. Percentiles use the last
 ``max_samples`` requests per mode (and batches), so memory stays bounded in a long run.
 Errors are counted by (service, code) up to ``MAX_ERROR_SERIES`` distinct pairs; new pairs past
 that share one series (``ERROR_OVERFLOW`` for both labels), so series stay bounded too; batch
-policies likewise up to ``MAX_POLICY_SERIES`` names.
+policies likewise up to ``MAX_POLICY_SERIES`` names; refusal codes this build does not know
+count as ``ERROR_OVERFLOW`` (modes are a closed set).
 """
 
 from __future__ import annotations
@@ -72,11 +84,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.errors import ErrorCode
 from common.protocol import (
     AdmissionEvent,
     AnyEvent,
     BatchEvent,
     ErrorEvent,
+    RefusalEvent,
     RequestEvent,
     RoundEvent,
     ScheduleEvent,
@@ -85,12 +99,15 @@ from common.protocol import (
 from common.stats import percentile
 
 __all__ = [
+    "DEFAULT_LIVE_WINDOW_S",
     "DEFAULT_MAX_SAMPLES",
     "ERROR_OVERFLOW",
     "ESTIMATOR_WINDOW",
     "MAX_ERROR_SERIES",
     "MAX_POLICY_SERIES",
+    "NO_SLO_NOTE",
     "UNDECODABLE",
+    "UNKNOWN_MODE",
     "MetricsAggregator",
     "event_kind",
     "percentile",
@@ -101,6 +118,10 @@ SLO_MET, SLO_MISSED, SLO_NONE = "met", "missed", "none"
 UNDECODABLE = "undecodable"  # the kind under which payloads that fail to decode are counted
 PERCENTILES = (50, 90, 99)
 DEFAULT_MAX_SAMPLES = 100_000
+DEFAULT_LIVE_WINDOW_S = 10.0  # live throughput: requests received this recently
+UNKNOWN_MODE = "unknown"  # mode label of refusals whose mode is unknown
+NO_SLO_NOTE = "no request carried an SLO"  # goodput_note when goodput is unknown
+ERROR_CODES = frozenset(ErrorCode.__members__.values())
 MAX_ERROR_SERIES = 1000  # distinct (service, code) pairs, besides the overflow series
 ERROR_OVERFLOW = "other"  # service and code of the errors past MAX_ERROR_SERIES
 MAX_POLICY_SERIES = 32  # distinct batch policy names; later ones count as ERROR_OVERFLOW
@@ -140,7 +161,7 @@ def slo_outcome(event: RequestEvent) -> str:
     return SLO_MET if ttft_ok and tpot_ok else SLO_MISSED
 
 
-def _quantiles_ms(values: Iterable[float]) -> dict[str, float | None]:
+def _quantiles(values: Iterable[float]) -> dict[str, float | None]:
     ordered = sorted(values)
     return {f"p{q}": _round(percentile(ordered, q)) for q in PERCENTILES}
 
@@ -167,6 +188,7 @@ class _ModeStats:
     max_samples: int
     requests: int = 0
     failed: int = 0
+    refused: int = 0  # refused before their first round (not in `requests`)
     slo: CounterMap = field(default_factory=CounterMap)  # met / missed / none
     output_tokens: int = 0
     met_tokens: int = 0
@@ -187,18 +209,49 @@ class _ModeStats:
     ttft_ms: deque = field(init=False)
     tpot_ms: deque = field(init=False)
     e2e_ms: deque = field(init=False)
+    batch_sizes: deque = field(init=False)  # of the batches its rounds were verified in
+    recent: deque = field(init=False)  # (receipt s, output tokens) of the latest requests
 
     def __post_init__(self) -> None:
         self.ttft_ms = deque(maxlen=self.max_samples)
         self.tpot_ms = deque(maxlen=self.max_samples)
         self.e2e_ms = deque(maxlen=self.max_samples)
+        self.batch_sizes = deque(maxlen=self.max_samples)
+        self.recent = deque(maxlen=self.max_samples)
 
-    def summary(self) -> dict[str, Any]:
+    def goodput_note(self, with_slo: int) -> str | None:
+        """Why goodput is unknown, or which requests it leaves out; None: it covers all."""
+        if self.requests == 0:
+            return "no finished request yet"
+        if with_slo == 0:
+            return NO_SLO_NOTE
+        without = self.slo[SLO_NONE]
+        if without:
+            return (f"{without} of {self.requests} requests carried no SLO and are not "
+                    "counted in goodput or attainment")
+        return None
+
+    def live(self, now_s: float, window_s: float) -> dict[str, Any]:
+        """Requests received in the last `window_s` (or since the mode's first request
+        started, while that is shorter) per second; None before any request."""
+        while self.recent and self.recent[0][0] <= now_s - window_s:
+            self.recent.popleft()
+        span = min(window_s, now_s - self.window_start_s) if self.requests else 0.0
+        tokens = sum(n for _, n in self.recent)
+        return {"window_s": _round(span),
+                "requests_per_s": _round(_ratio(len(self.recent), span), 4),
+                "tokens_per_s": _round(_ratio(tokens, span))}
+
+    def summary(self, now_s: float, live_window_s: float) -> dict[str, Any]:
         with_slo = self.slo[SLO_MET] + self.slo[SLO_MISSED]
         window_s = self.window_end_s - self.window_start_s if self.requests else 0.0
+        # Unknown, not 0, without a request that carried an SLO (0 would read as "all missed").
+        slo_window_s = window_s if with_slo else 0.0
+        sizes = sorted(self.batch_sizes)
         return {
             "requests": self.requests,
             "failed": self.failed,
+            "refused": self.refused,
             "requests_with_slo": with_slo,
             "requests_without_slo": self.slo[SLO_NONE],
             "slo_met": self.slo[SLO_MET],
@@ -207,11 +260,16 @@ class _ModeStats:
             "output_tokens": self.output_tokens,
             "window_s": _round(window_s),
             "throughput_tokens_per_s": _round(_ratio(self.output_tokens, window_s)),
-            "goodput_tokens_per_s": _round(_ratio(self.met_tokens, window_s)),
-            "goodput_requests_per_s": _round(_ratio(self.slo[SLO_MET], window_s), 4),
-            "ttft_ms": _quantiles_ms(self.ttft_ms),
-            "tpot_ms": _quantiles_ms(self.tpot_ms),
-            "e2e_ms": _quantiles_ms(self.e2e_ms),
+            "throughput_requests_per_s": _round(_ratio(self.requests, window_s), 4),
+            "goodput_tokens_per_s": _round(_ratio(self.met_tokens, slo_window_s)),
+            "goodput_requests_per_s": _round(_ratio(self.slo[SLO_MET], slo_window_s), 4),
+            "goodput_note": self.goodput_note(with_slo),
+            "live": self.live(now_s, live_window_s),
+            "ttft_ms": _quantiles(self.ttft_ms),
+            "tpot_ms": _quantiles(self.tpot_ms),
+            "e2e_ms": _quantiles(self.e2e_ms),
+            "batch_size": {"mean": _round(sum(sizes) / len(sizes), 3) if sizes else None,
+                           **_quantiles(sizes)},
             "rounds": self.rounds,
             "drafted": self.drafted,
             "accepted": self.accepted,
@@ -331,10 +389,14 @@ class MetricsAggregator:
     :meth:`summary`."""
 
     def __init__(self, *, max_samples: int = DEFAULT_MAX_SAMPLES,
+                 live_window_s: float = DEFAULT_LIVE_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if not live_window_s > 0:
+            raise ValueError(f"live_window_s must be > 0, got {live_window_s}")
         self.max_samples = max_samples
+        self.live_window_s = live_window_s
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         self._init_metrics()
@@ -349,6 +411,7 @@ class MetricsAggregator:
         self._queue_depth: dict[str, int] = {}
         self._schedule: dict[str, _ScheduleStats] = {}  # by policy
         self._admission = _AdmissionStats()
+        self._refusals: CounterMap = CounterMap()  # (mode or UNKNOWN_MODE, code)
 
     def _init_metrics(self) -> None:
         r = self.registry
@@ -362,6 +425,14 @@ class MetricsAggregator:
                                 ["mode", "slo"], registry=r)
         self.output_tokens = Counter("wisp_output_tokens", "Output tokens of finished requests",
                                      ["mode"], registry=r)
+        # A mode's series appears with its first request that carried an SLO: without one
+        # goodput is unknown, and an absent series says so where a 0 would say "all missed".
+        self.goodput_tokens = Counter("wisp_goodput_tokens",
+                                      "Output tokens of requests that met their SLO", ["mode"],
+                                      registry=r)
+        self.refusals = Counter("wisp_refusals",
+                                "Generations refused before their first round, by error code",
+                                ["mode", "code"], registry=r)
         self.request_rounds = Counter("wisp_request_rounds",
                                       "Rounds of finished requests (their own totals)",
                                       ["mode"], registry=r)
@@ -470,6 +541,9 @@ class MetricsAggregator:
         self.requests.labels(mode, outcome).inc()
         self.output_tokens.labels(mode).inc(n)
         self.request_rounds.labels(mode).inc(ev.stats.rounds)
+        if outcome != SLO_NONE:
+            self.goodput_tokens.labels(mode).inc(n if outcome == SLO_MET else 0)
+        stats.recent.append((now_s, n))
         if failed:
             return
         self.e2e.labels(mode).observe(t.e2e_ms / 1000.0)
@@ -492,6 +566,7 @@ class MetricsAggregator:
         stats.wasted_tokens += wasted
         stats.draft_ms += ev.draft_ms
         stats.committed += ev.committed
+        stats.batch_sizes.append(ev.batch_size)
         self.wasted_tokens.labels(mode).inc(wasted)
         self.draft_tokens.labels(mode).inc(ev.drafted)
         self.accepted_tokens.labels(mode).inc(ev.accepted)
@@ -570,6 +645,15 @@ class MetricsAggregator:
             self.admission_predicted.labels(ev.verifier_id).set(ev.predicted_round_ms / 1000.0)
             self.admission_budget.labels(ev.verifier_id).set(ev.budget_ms / 1000.0)
 
+    def _on_refusal(self, ev: RefusalEvent, now_s: float) -> None:
+        # Codes come from peers: one this build does not know shares the overflow series.
+        code = ev.code if ev.code in ERROR_CODES else ERROR_OVERFLOW
+        mode = ev.mode or UNKNOWN_MODE
+        if ev.mode is not None:
+            self._mode_stats(ev.mode).refused += 1
+        self._refusals[(mode, code)] += 1
+        self.refusals.labels(mode, code).inc()
+
     _handlers: dict[type, Callable[[MetricsAggregator, Any, float], None]] = {
         RequestEvent: _on_request,
         RoundEvent: _on_round,
@@ -578,6 +662,7 @@ class MetricsAggregator:
         ErrorEvent: _on_error,
         ScheduleEvent: _on_schedule,
         AdmissionEvent: _on_admission,
+        RefusalEvent: _on_refusal,
     }
 
     def _mode_stats(self, mode: str) -> _ModeStats:
@@ -587,16 +672,35 @@ class MetricsAggregator:
         return stats
 
     # -- output -----------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able report: per mode, verdicts, batches, scheduling per policy, admission,
-        errors, event counts."""
+    def _refusal_summary(self) -> dict[str, Any]:
+        by_code: CounterMap = CounterMap()
+        by_mode: CounterMap = CounterMap()
+        for (mode, code), n in self._refusals.items():
+            by_code[code] += n
+            by_mode[mode] += n
         return {
-            "modes": {mode: self._modes[mode].summary() for mode in sorted(self._modes)},
+            "total": sum(self._refusals.values()),
+            "by_code": dict(sorted(by_code.items())),
+            "by_mode": dict(sorted(by_mode.items())),
+            "counts": [{"mode": m, "code": c, "count": n}
+                       for (m, c), n in sorted(self._refusals.items())],
+        }
+
+    def summary(self, now_s: float | None = None) -> dict[str, Any]:
+        """A JSON-able report at ``now_s`` (this process's clock; live rates need it): per
+        mode, refusals, verdicts, batches, scheduling per policy, admission, errors, event
+        counts."""
+        now_s = self._clock() if now_s is None else now_s
+        return {
+            "live_window_s": self.live_window_s,
+            "modes": {mode: self._modes[mode].summary(now_s, self.live_window_s)
+                      for mode in sorted(self._modes)},
+            "refusals": self._refusal_summary(),
             "verdicts": self._verdicts.summary(),
             "batches": {
                 "count": self._batch_count,
                 "mean_size": _round(_ratio(self._batch_size_sum, self._batch_count), 3),
-                "batch_ms": _quantiles_ms(self._batch_ms),
+                "batch_ms": _quantiles(self._batch_ms),
                 "queue_depth": dict(sorted(self._queue_depth.items())),
             },
             "schedule": {policy: self._schedule[policy].summary()

@@ -135,8 +135,12 @@ async def test_a_refused_open_reaches_the_clients_stream() -> None:
     await server.serve(GenerateRequest(max_new_tokens=4, mode="centralized",
                                        prompt_ids=[1, 2, 3]), "_INBOX.client")
     assert nc.requests == [SESSION_OPEN]
-    (subject, data), = nc.published  # the refusal alone: no session was opened or closed
+    # The refusal to the client, then its event for the metrics: no session opened or closed.
+    (subject, data), (event_subject, event_data) = nc.published
     assert subject == "_INBOX.client"
     with pytest.raises(Overloaded) as info:
         receive(generation(), data)
     assert info.value.retry_after_ms == 1500.0 and info.value.message == REFUSAL.message
+    assert event_subject == "wisp.events.refusal"
+    event = wire.decode(wire.RefusalEvent, event_data)
+    assert (event.code, event.mode, event.retry_after_ms) == ("overloaded", "centralized", 1500.0)

@@ -18,6 +18,7 @@ from common.protocol import (
     ErrorEvent,
     GenerateStats,
     GenerateTimings,
+    RefusalEvent,
     RequestEvent,
     RoundEvent,
     ScheduleEvent,
@@ -31,12 +32,15 @@ from services.metrics.aggregate import (
     ESTIMATOR_WINDOW,
     MAX_ERROR_SERIES,
     MAX_POLICY_SERIES,
+    NO_SLO_NOTE,
+    UNKNOWN_MODE,
     MetricsAggregator,
     event_kind,
     percentile,
     slo_outcome,
 )
-from services.metrics.service import MetricsConfig, MetricsService, render_dashboard
+from services.metrics.dashboard import dashboard_page
+from services.metrics.service import MetricsConfig, MetricsService
 
 SID = "s" * 8
 FEATURES = [[0.9, 0.3, 0.5, 0.1, 0.0, 0.9, 1.0]]  # one drafted token's DRAFT_FEATURES row
@@ -56,11 +60,11 @@ def request(mode: str = "wisp", *, num_tokens: int = 10, ttft_ms: float = 100.0,
 
 
 def round_event(mode: str = "wisp", *, drafted: int = 4, accepted: int = 2,
-                wasted_draft_ms: float = 0.0, round: int = 0) -> RoundEvent:
+                wasted_draft_ms: float = 0.0, round: int = 0, batch_size: int = 2) -> RoundEvent:
     return RoundEvent(ts_ms=1.0, sid=SID, mode=mode, round=round, drafted=drafted,
                       accepted=accepted, committed=accepted + 1, draft_ms=40.0,
                       wasted_draft_ms=wasted_draft_ms, rtt_ms=10.0, budget_ms=-5.0,
-                      batch_size=2)
+                      batch_size=batch_size)
 
 
 def verdict(*, num_drafted: int = 1, num_accepted: int = 1, greedy: bool = True,
@@ -96,6 +100,10 @@ def admission(outcome: str = "admitted", *, verifier_id: str | None = "v1",
     return AdmissionEvent(ts_ms=1.0, sid=SID, outcome=outcome, verifier_id=verifier_id,
                           predicted_round_ms=predicted_round_ms, budget_ms=budget_ms,
                           retry_after_ms=retry_after_ms)
+
+
+def refusal(code: str = "prompt_too_long", mode: str | None = "wisp") -> RefusalEvent:
+    return RefusalEvent(ts_ms=1.0, code=code, mode=mode, sid=SID)
 
 
 def sample(agg: MetricsAggregator, name: str, labels: dict[str, str]) -> float | None:
@@ -182,6 +190,10 @@ def test_attainment_goodput_and_latency_percentiles() -> None:
     assert sample(agg, "wisp_requests_total", {"mode": "wisp", "slo": "missed"}) == 1
     assert sample(agg, "wisp_requests_total", {"mode": "wisp", "slo": "none"}) == 1
     assert sample(agg, "wisp_output_tokens_total", {"mode": "wisp"}) == 100
+    assert sample(agg, "wisp_goodput_tokens_total", {"mode": "wisp"}) == 40  # met only
+    assert s["goodput_note"] == ("1 of 4 requests carried no SLO and are not counted in "
+                                 "goodput or attainment")
+    assert s["throughput_requests_per_s"] == pytest.approx(4 / window, rel=1e-3)
     assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 4
     assert sample(agg, "wisp_ttft_seconds_sum", {"mode": "wisp"}) == pytest.approx(0.6)
     assert sample(agg, "wisp_ttft_seconds_bucket", {"mode": "wisp", "le": "0.1"}) == 3
@@ -225,6 +237,82 @@ def test_undefined_latencies_are_not_sampled() -> None:
     assert s["tpot_ms"] == {"p50": None, "p90": None, "p99": None}  # neither
     assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 1
     assert sample(agg, "wisp_tpot_seconds_count", {"mode": "wisp"}) is None
+
+
+def test_goodput_is_unknown_not_zero_without_an_slo() -> None:
+    agg = MetricsAggregator()
+    agg.observe(request("sled", num_tokens=10, slo=None), now_s=1.0)
+    agg.observe(request("sled", num_tokens=20, slo=None), now_s=2.0)
+    agg.observe(request("wisp", num_tokens=10, ttft_ms=500.0), now_s=2.0)  # missed
+    modes = agg.summary()["modes"]
+    sled = modes["sled"]
+    assert sled["goodput_tokens_per_s"] is None and sled["goodput_requests_per_s"] is None
+    assert sled["slo_attainment"] is None and sled["goodput_note"] == NO_SLO_NOTE
+    assert sled["requests_without_slo"] == 2
+    assert sled["throughput_tokens_per_s"] == pytest.approx(30 / 1.28, abs=1e-3)  # measured
+    # Absent from Prometheus (a 0 would read as "every request missed its SLO") ...
+    assert sample(agg, "wisp_goodput_tokens_total", {"mode": "sled"}) is None
+    # ... while a mode whose requests carried SLOs and missed them has a true 0.
+    wisp = modes["wisp"]
+    assert wisp["goodput_tokens_per_s"] == 0.0 and wisp["slo_attainment"] == 0.0
+    assert wisp["goodput_note"] is None
+    assert sample(agg, "wisp_goodput_tokens_total", {"mode": "wisp"}) == 0
+    # A mode known only from its rounds has no finished request yet.
+    agg.observe(round_event("ucb"))
+    ucb = agg.summary()["modes"]["ucb"]
+    assert ucb["goodput_tokens_per_s"] is None and ucb["goodput_note"] == \
+        "no finished request yet"
+
+
+def test_live_throughput_covers_the_recent_window() -> None:
+    now = [100.0]
+    agg = MetricsAggregator(live_window_s=10.0, clock=lambda: now[0])
+    agg.observe(request(num_tokens=10, e2e_ms=2000.0), now_s=100.0)  # started at 98 s
+    agg.observe(request(num_tokens=30, e2e_ms=1000.0), now_s=101.0)
+    # 3 s since the first request started: shorter than the window, so over those 3 s.
+    live = agg.summary(now_s=101.0)["modes"]["wisp"]["live"]
+    assert live == {"window_s": 3.0, "requests_per_s": pytest.approx(2 / 3, abs=1e-4),
+                    "tokens_per_s": pytest.approx(40 / 3, abs=1e-3)}
+    # At 109 s both are within the last 10 s; at 110.5 s the first has left it.
+    live = agg.summary(now_s=109.0)["modes"]["wisp"]["live"]
+    assert (live["window_s"], live["tokens_per_s"]) == (10.0, 4.0)
+    live = agg.summary(now_s=110.5)["modes"]["wisp"]["live"]
+    assert (live["tokens_per_s"], live["requests_per_s"]) == (3.0, 0.1)
+    now[0] = 200.0  # idle: live throughput is a true 0, the whole-run numbers stay
+    s = agg.summary()["modes"]["wisp"]
+    assert (s["live"]["tokens_per_s"], s["live"]["requests_per_s"]) == (0.0, 0.0)
+    assert s["throughput_tokens_per_s"] == pytest.approx(40 / 3, abs=1e-3)
+    assert agg.summary()["live_window_s"] == 10.0
+    with pytest.raises(ValueError, match="live_window_s"):
+        MetricsAggregator(live_window_s=0.0)
+
+
+def test_refusals_by_mode_and_code() -> None:
+    agg = MetricsAggregator()
+    agg.observe(refusal("prompt_too_long", "wisp"))
+    agg.observe(refusal("prompt_too_long", "wisp"))
+    agg.observe(refusal("overloaded", "centralized"))
+    agg.observe(refusal("unknown_session", None))  # a resume: its mode is unknown
+    agg.observe(refusal("from_a_newer_peer", "sled"))  # a code this build does not know
+    s = agg.summary()
+    assert s["refusals"] == {
+        "total": 5,
+        "by_code": {"other": 1, "overloaded": 1, "prompt_too_long": 2, "unknown_session": 1},
+        "by_mode": {"centralized": 1, "sled": 1, "unknown": 1, "wisp": 2},
+        "counts": [{"mode": "centralized", "code": "overloaded", "count": 1},
+                   {"mode": "sled", "code": ERROR_OVERFLOW, "count": 1},
+                   {"mode": UNKNOWN_MODE, "code": "unknown_session", "count": 1},
+                   {"mode": "wisp", "code": "prompt_too_long", "count": 2}],
+    }
+    assert s["modes"]["wisp"]["refused"] == 2 and s["modes"]["wisp"]["requests"] == 0
+    assert set(s["modes"]) == {"wisp", "centralized", "sled"}  # no "unknown" mode
+    assert sample(agg, "wisp_refusals_total", {"mode": "wisp", "code": "prompt_too_long"}) == 2
+    assert sample(agg, "wisp_refusals_total", {"mode": UNKNOWN_MODE,
+                                               "code": "unknown_session"}) == 1
+    assert sample(agg, "wisp_refusals_total", {"mode": "sled", "code": ERROR_OVERFLOW}) == 1
+    assert s["events"]["received"] == {"refusal": 5}
+    empty = MetricsAggregator().summary()["refusals"]
+    assert empty == {"total": 0, "by_code": {}, "by_mode": {}, "counts": []}
 
 
 def test_single_request_window_is_its_e2e() -> None:
@@ -288,6 +376,18 @@ def test_acceptance_length_rate_and_wasted_drafting() -> None:
     assert sample(agg, "wisp_acceptance_length_count", {"mode": "ucb"}) == 4
     assert sample(agg, "wisp_acceptance_length_bucket", {"mode": "ucb", "le": "1.0"}) == 2
     assert agg.summary()["events"]["received"] == {"round": 4}
+
+
+def test_verifier_batch_sizes_per_mode_come_from_rounds() -> None:
+    agg = MetricsAggregator()
+    for size in (1, 2, 3, 10):
+        agg.observe(round_event("wisp", batch_size=size))
+    agg.observe(round_event("centralized", drafted=0, accepted=0, batch_size=7))
+    modes = agg.summary()["modes"]
+    assert modes["wisp"]["batch_size"] == {"mean": 4.0, "p50": 2.5, "p90": 7.9,
+                                           "p99": pytest.approx(9.79)}
+    assert modes["centralized"]["batch_size"]["p50"] == 7.0
+    assert modes["centralized"]["mean_acceptance_length"] == 0.0
 
 
 def test_verdicts_are_counted_from_the_verifiers_side() -> None:
@@ -605,20 +705,21 @@ def test_percentile_samples_are_bounded() -> None:
     assert sample(agg, "wisp_ttft_seconds_count", {"mode": "wisp"}) == 4
 
 
-def test_own_registry_and_dashboard_render() -> None:
+def test_own_registry_and_dashboard_page() -> None:
     a, b = MetricsAggregator(), MetricsAggregator()  # two instances do not collide
     a.observe(request(), now_s=1.0)
-    a.observe(verdict())
-    a.observe(schedule("edf"))
-    a.observe(admission("refused", verifier_id="v9", retry_after_ms=700.0))
-    a.count_malformed()
     assert sample(b, "wisp_requests_total", {"mode": "wisp", "slo": "met"}) is None
     assert b"wisp_requests_total" in generate_latest(a.registry)
-    page = render_dashboard(a.summary(), refresh_s=7)
-    assert 'http-equiv="refresh" content="7"' in page and "<td>wisp</td>" in page
-    assert "<td>verdict</td>" in page and "<td>undecodable</td>" in page
-    assert "<td>edf</td>" in page and "<td>v9</td>" in page and "<td>700</td>" in page
+    # The page is static: its script reads /summary at the configured interval.
+    page = dashboard_page(2.5)
+    assert "const REFRESH_MS = 2500;" in page and 'fetch("/summary"' in page
+    assert "__REFRESH" not in page and "every 2.5 s" in page
+    assert "n/a \\u2014 no SLO" in page  # the JS escape of "n/a — no SLO"
     assert "http://" not in page and "https://" not in page  # no external assets
-    empty = render_dashboard(b.summary())
-    assert "no requests yet" in empty and "no errors" in empty
-    assert "no scheduled batches yet" in empty and "no admission decisions yet" in empty
+    assert "<script src" not in page and "<link" not in page
+    assert MetricsService(MetricsConfig(dashboard_refresh_s=0.5))._page == dashboard_page(0.5)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="refresh_s"):
+            dashboard_page(bad)
+        with pytest.raises(ValueError, match="dashboard_refresh_s"):
+            MetricsConfig(dashboard_refresh_s=bad)

@@ -90,6 +90,8 @@ MESSAGES = [
                     deadlines_met=2, deadlines_missed=1, late_dispatched=1),
     p.AdmissionEvent(ts_ms=0.0, sid=SID, outcome="refused", verifier_id="v0",
                      predicted_round_ms=80.0, budget_ms=60.0, retry_after_ms=1500.0),
+    p.RefusalEvent(ts_ms=0.0, code="overloaded", mode="wisp", sid=SID, retry_after_ms=1500.0),
+    p.RefusalEvent(ts_ms=0.0, code="unknown_session"),  # mode unknown (a resume)
     p.RequestEvent(ts_ms=1.7e12, sid=SID, mode="sled", num_tokens=8, timings=DONE.timings,
                    slo=None, stats=DONE.stats, finish_reason="eos"),
     p.RoundEvent(ts_ms=1.7e12, sid=SID, mode="wisp", round=2, drafted=4, accepted=3,
@@ -383,6 +385,10 @@ def test_cross_field_rules_of_replies_and_events():
     round_event = next(m for m in MESSAGES if isinstance(m, p.RoundEvent))
     bad(p.AnyEvent, with_fields(round_event, accepted=5), "accepted (5) exceeds drafted (4)")
     bad(p.AnyEvent, with_fields(round_event, mode="turbo"), "at `$.mode`")
+    refusal = next(m for m in MESSAGES if isinstance(m, p.RefusalEvent))
+    bad(p.AnyEvent, with_fields(refusal, mode="turbo"), "at `$.mode`")
+    bad(p.AnyEvent, with_fields(refusal, code="no spaces"), "at `$.code`")
+    bad(p.AnyEvent, with_fields(refusal, retry_after_ms=-1.0), "at `$.retry_after_ms`")
 
 
 def test_fuzzed_bytes_only_ever_raise_bad_request():
