@@ -2,8 +2,9 @@
 process that draft at once, and keeps model work off the event loop.
 
 Every call on the drafter core runs on one dedicated worker thread (the core is not thread
-safe). Sessions that ask for a draft while a batch is running join the next batch, so under
-load batches grow by themselves.
+safe). Batching is continuous, step by step: a session that asks for a draft while others are
+drafting joins them at the next draft step (it waits one step, not their whole round), so
+under load batches grow by themselves and no session waits behind another's long draft.
 """
 
 from __future__ import annotations
@@ -56,23 +57,45 @@ class DraftBatcher:
         return await future
 
     async def _run(self) -> None:
+        in_flight: dict[str, asyncio.Future[Draft]] = {}
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            await asyncio.sleep(0)  # let sessions that became ready together join this batch
-            batch, self._waiting = self._waiting, {}
-            if not batch:
+            if not in_flight:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                await asyncio.sleep(0)  # let sessions that became ready together start together
+            joining, self._waiting = self._waiting, {}
+            in_flight.update(joining)
+            if not in_flight:
                 continue
             try:
-                drafts = await self.call(self.core.draft, list(batch))
-            except Exception as exc:  # noqa: BLE001 - each waiter gets the failure
-                for future in batch.values():
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for sid, future in batch.items():
-                if not future.done():
-                    future.set_result(drafts[sid])
+                done, failed = await self.call(self._step, list(joining))
+            except Exception as exc:  # noqa: BLE001 - every draft of the step gets the failure
+                done, failed = {}, dict.fromkeys(in_flight, exc)
+            for sid, result in [*done.items(), *failed.items()]:
+                future = in_flight.pop(sid, None)
+                if future is None or future.done():
+                    continue
+                if sid in failed:
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _step(self, joining: list[str]) -> tuple[dict[str, Draft], dict[str, Exception]]:
+        """On the drafter thread: start the joining sessions' drafts, then one step for all.
+        Returns (finished drafts, joining sessions that could not start and why)."""
+        done: dict[str, Draft] = {}
+        failed: dict[str, Exception] = {}
+        try:
+            done.update(self.core.begin(joining) if joining else {})
+        except Exception:  # noqa: BLE001 - one bad session must not fail the others
+            for sid in joining:
+                try:
+                    done.update(self.core.begin([sid]))
+                except Exception as exc:  # noqa: BLE001 - reported to that session's waiter
+                    failed[sid] = exc
+        if self.core.drafting:
+            done.update(self.core.step())
+        return done, failed
 
     def shutdown(self) -> None:
         if self._task is not None:

@@ -3,6 +3,7 @@
 No NATS: the edge-drafter service (through a `DraftBatcher`), the scheduler's colocated mode and
 the in-process engine drive this. Sessions that draft at the same moment share each draft
 forward pass, and each draft step asks each policy once for all of its sessions in the step.
+`begin`/`step` batch continuously: a session joins the drafts in progress at the next step.
 
 Draft KV invariant: between rounds the runner holds KV for at most committed[:-1]; a round first
 feeds `committed[cached:]` (at least the last committed token), then each drafted token except
@@ -73,6 +74,7 @@ class DrafterCore:
         self.eos_token_id = eos_token_id
         self.k_max = k_max
         self.sessions: dict[str, _Session] = {}
+        self._drafting: dict[str, tuple[Draft, int]] = {}  # sid -> (draft so far, its limit)
 
     def open(self, spec: SessionSpec, prompt_ids: list[int], policy: DraftPolicy,
              committed_output: list[int] | None = None) -> None:
@@ -87,6 +89,7 @@ class DrafterCore:
         policy.open(PolicySession(spec.sid, spec.device_id, spec.k_max))
 
     def close(self, sid: str) -> None:
+        self._drafting.pop(sid, None)
         session = self.sessions.pop(sid, None)
         if session is not None:
             session.policy.close(sid)
@@ -97,43 +100,81 @@ class DrafterCore:
 
     def draft(self, sids: list[str]) -> dict[str, Draft]:
         """Draft the next round for every session in `sids`, batching each step across them."""
-        drafts = {sid: Draft(sid, len(self._session(sid).committed)) for sid in sids}
+        if self._drafting:
+            raise RuntimeError("draft() while step-wise drafts are in progress")
+        done = self.begin(sids)
+        while self._drafting:
+            done.update(self.step())
+        return done
+
+    def begin(self, sids: list[str]) -> dict[str, Draft]:
+        """Start drafting for `sids`; the next `step` calls extend them together with the drafts
+        already in progress (continuous batching: a session that becomes ready while others
+        draft joins at the next step instead of waiting for their whole round). Returns the
+        drafts that are already finished (nothing to draft: the output budget is spent)."""
+        for sid in sids:  # all checked before anything changes: a failed begin starts none
+            self._session(sid)
+            if sid in self._drafting:
+                raise RuntimeError(f"session {sid} is already drafting")
         limits = self._round_limits(sids)
-        pending = [sid for sid in sids if limits[sid] > 0]
-        position = 0
-        while pending:
-            start = time.perf_counter()
+        done: dict[str, Draft] = {}
+        for sid in sids:
+            draft = Draft(sid, len(self.sessions[sid].committed))
+            if limits[sid] > 0:
+                self._drafting[sid] = (draft, limits[sid])
+            else:
+                done[sid] = self._finish(draft)
+        return done
+
+    def step(self) -> dict[str, Draft]:
+        """One draft forward over every draft in progress; returns those it finished."""
+        pending = list(self._drafting)
+        if not pending:
+            return {}
+        drafts = {sid: self._drafting[sid][0] for sid in pending}
+        start = time.perf_counter()
+        try:
             logits = self._forward(pending, drafts)  # [B, V]
-            positions = torch.full((len(pending),), position, dtype=torch.int64)  # [B]
-            cum_before = torch.tensor([_cum_confidence(drafts[sid]) for sid in pending])  # [B]
-            prev_accept = torch.tensor([self.sessions[sid].prev_accept_rate
-                                        for sid in pending])  # [B]
-            features = draft_features(logits, positions, cum_before, prev_accept)  # [B, F]
-            tokens, sparse = self._choose(pending, logits)
-            last = self._last(pending, positions, features)  # [B] bool
-            elapsed = time.perf_counter() - start
-            rows = features.tolist()
-            next_pending: list[str] = []
-            for row, sid in enumerate(pending):
-                draft, token = drafts[sid], tokens[row]
-                draft.token_ids.append(token)
-                draft.features.append(rows[row])
-                draft.token_times_s.append(elapsed)
-                if sparse[row] is not None:  # sampling sessions only: greedy ones send none
-                    draft.sparse_ids = (draft.sparse_ids or []) + [sparse[row][0]]
-                    draft.sparse_probs = (draft.sparse_probs or []) + [sparse[row][1]]
-                if (not last[row] and len(draft.token_ids) < limits[sid]
-                        and token != self.eos_token_id):
-                    next_pending.append(sid)
-            pending = next_pending
-            position += 1
-        for sid, draft in drafts.items():
-            session = self.sessions[sid]
-            session.last_draft = draft
-            draft.policy = session.policy.spec
-            draft.predictor_version = session.policy.version_for(sid)
-            draft.censored = session.policy.censors(sid)
-        return drafts
+        except Exception:
+            self._drafting.clear()  # every draft in this step failed with it
+            raise
+        positions = torch.tensor([len(drafts[sid].token_ids) for sid in pending],
+                                 dtype=torch.int64)  # [B]
+        cum_before = torch.tensor([_cum_confidence(drafts[sid]) for sid in pending])  # [B]
+        prev_accept = torch.tensor([self.sessions[sid].prev_accept_rate
+                                    for sid in pending])  # [B]
+        features = draft_features(logits, positions, cum_before, prev_accept)  # [B, F]
+        tokens, sparse = self._choose(pending, logits)
+        last = self._last(pending, positions, features)  # [B] bool
+        elapsed = time.perf_counter() - start
+        rows = features.tolist()
+        done: dict[str, Draft] = {}
+        for row, sid in enumerate(pending):
+            draft, token = drafts[sid], tokens[row]
+            draft.token_ids.append(token)
+            draft.features.append(rows[row])
+            draft.token_times_s.append(elapsed)
+            if sparse[row] is not None:  # sampling sessions only: greedy ones send none
+                draft.sparse_ids = (draft.sparse_ids or []) + [sparse[row][0]]
+                draft.sparse_probs = (draft.sparse_probs or []) + [sparse[row][1]]
+            if (last[row] or len(draft.token_ids) >= self._drafting[sid][1]
+                    or token == self.eos_token_id):
+                del self._drafting[sid]
+                done[sid] = self._finish(draft)
+        return done
+
+    @property
+    def drafting(self) -> int:
+        """Sessions with a draft in progress (between `begin` and the step that ends it)."""
+        return len(self._drafting)
+
+    def _finish(self, draft: Draft) -> Draft:
+        session = self.sessions[draft.sid]
+        session.last_draft = draft
+        draft.policy = session.policy.spec
+        draft.predictor_version = session.policy.version_for(draft.sid)
+        draft.censored = session.policy.censors(draft.sid)
+        return draft
 
     def apply(self, sid: str, num_accepted: int, new_tokens: list[int],
               round_trip_s: float | None = None) -> None:

@@ -50,6 +50,36 @@ def test_batched_drafts_equal_each_session_drafted_alone(model):
         assert [row[pos] for row in drafts[sid].features] == [0, 1, 2, 3, 4]
 
 
+def test_sessions_joining_mid_draft_get_the_drafts_they_would_alone(model):
+    """Continuous batching (begin/step): b joins a's draft two steps in, c after b's verdict;
+    each draft, its positions and the base it extends are what drafting alone gives."""
+    prompts = {"a": [1, 2, 3], "b": [9] * 11, "c": [4, 5]}
+    d = make_drafter(model)
+    for sid, p in prompts.items():
+        open_(d, sid, p, 50, FixedK(5))
+    assert d.begin(["a"]) == {} and d.drafting == 1
+    done = {**d.step(), **d.step()}
+    done.update(d.begin(["b"]))
+    while "b" not in done:
+        done.update(d.step())
+    assert "a" in done and d.drafting == 0  # a ended 2 steps before b
+    d.apply("b", 2, done["b"].token_ids[:2] + [7])
+    done.update(d.begin(["c", "b"]))
+    while d.drafting:
+        done.update(d.step())
+    pos = DRAFT_FEATURES.index("position")
+    for sid, p in prompts.items():
+        base = p + ([] if sid != "b" else greedy_continuation(model, p, 2) + [7])
+        assert done[sid].token_ids == greedy_continuation(model, base, 5)
+        assert done[sid].base_len == len(base)
+        assert [row[pos] for row in done[sid].features] == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="in progress"):
+        d.begin(["a"])
+        d.draft(["c"])
+    d.close("a")  # closing a session drops its draft in progress
+    assert d.drafting == 0
+
+
 def test_cumulative_confidence_and_last_rounds_acceptance_features(model):
     d = make_drafter(model)
     open_(d, "s", [7, 8, 9], 50, FixedK(4))

@@ -1,6 +1,7 @@
 """Edge-side pieces without NATS: device-profile emulation, draft batching, detokenizing."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -32,44 +33,92 @@ def test_profiles_by_name():
         DeviceProfile("bad", rtt_ms=-1)
 
 
-class RecordingCore:
-    """Stands in for DrafterCore: records which sessions shared each draft call."""
+class StepCore:
+    """Stands in for DrafterCore's step-wise API: session s drafts `lengths[s]` steps (1 by
+    default); records which sessions shared each step."""
 
-    def __init__(self):
-        self.calls: list[list[str]] = []
+    def __init__(self, lengths: dict[str, int] | None = None, step_s: float = 0.0):
+        self.lengths, self.step_s = lengths or {}, step_s
+        self.active: dict[str, int] = {}
+        self.steps: list[list[str]] = []
+        self.fail_step: Exception | None = None
 
-    def draft(self, sids):
-        self.calls.append(sorted(sids))
-        return {sid: f"draft-{sid}" for sid in sids}
+    def begin(self, sids):
+        for sid in sids:
+            if sid == "unknown":
+                raise KeyError(sid)
+        self.active.update(dict.fromkeys(sids, 0))
+        return {}
+
+    @property
+    def drafting(self) -> int:
+        return len(self.active)
+
+    def step(self):
+        time.sleep(self.step_s)
+        self.steps.append(sorted(self.active))
+        if self.fail_step is not None:
+            exc, self.fail_step = self.fail_step, None
+            self.active.clear()
+            raise exc
+        done = {}
+        for sid in list(self.active):
+            self.active[sid] += 1
+            if self.active[sid] >= self.lengths.get(sid, 1):
+                del self.active[sid]
+                done[sid] = f"draft-{sid}"
+        return done
 
 
-async def test_sessions_asking_together_share_one_draft_call():
-    core = RecordingCore()
+async def test_sessions_asking_together_share_one_draft_step():
+    core = StepCore()
     batcher = DraftBatcher(core)
     try:
         got = await asyncio.gather(*(batcher.draft(s) for s in ("a", "b", "c")))
         assert got == ["draft-a", "draft-b", "draft-c"]
-        assert core.calls == [["a", "b", "c"]]
+        assert core.steps == [["a", "b", "c"]]
         assert await batcher.draft("a") == "draft-a"
-        assert core.calls[-1] == ["a"]
+        assert core.steps[-1] == ["a"]
+    finally:
+        batcher.shutdown()
+
+
+async def test_a_late_session_joins_at_the_next_step_not_after_the_long_draft():
+    """Continuous batching: b, ready while a drafts 20 steps, is done before a."""
+    core = StepCore({"a": 20, "b": 2}, step_s=0.005)
+    batcher = DraftBatcher(core)
+    try:
+        a = asyncio.ensure_future(batcher.draft("a"))
+        while len(core.steps) < 3:
+            await asyncio.sleep(0.001)
+        assert await batcher.draft("b") == "draft-b"
+        assert not a.done()
+        assert await a == "draft-a"
+        shared = [s for s in core.steps if s == ["a", "b"]]
+        assert len(shared) == 2 and len(core.steps) == 20
     finally:
         batcher.shutdown()
 
 
 async def test_a_failing_draft_reaches_every_waiter_and_the_batcher_goes_on():
-    class Failing(RecordingCore):
-        def draft(self, sids):
-            if not self.calls:
-                self.calls.append(sids)
-                raise RuntimeError("boom")
-            return super().draft(sids)
-
-    batcher = DraftBatcher(Failing())
+    core = StepCore()
+    core.fail_step = RuntimeError("boom")
+    batcher = DraftBatcher(core)
     try:
         results = await asyncio.gather(batcher.draft("a"), batcher.draft("b"),
                                        return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results)
         assert await batcher.draft("a") == "draft-a"
+    finally:
+        batcher.shutdown()
+
+
+async def test_a_session_that_cannot_start_fails_alone():
+    batcher = DraftBatcher(StepCore())
+    try:
+        results = await asyncio.gather(batcher.draft("a"), batcher.draft("unknown"),
+                                       return_exceptions=True)
+        assert results[0] == "draft-a" and isinstance(results[1], KeyError)
     finally:
         batcher.shutdown()
 
