@@ -12,21 +12,28 @@ its bracket are in `loadgen.capacity`. Writes `capacity.json`, `capacity.md`, `v
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from loadgen.capacity import Probe, ratios, search
+from loadgen.fleet import edge_env
 from loadgen.job import Job, offered_rps, prepare
-from loadgen.partition import Partition, apply, edges_behind, pin_self, plan
-from loadgen.report import RequestRecord, plot_cdfs, plot_vs_load, summarize, write_json
+from loadgen.partition import edges_behind, plan
+from loadgen.progress import ProgressDisplay
+from loadgen.report import (
+    RequestRecord,
+    plot_cdfs,
+    plot_vs_load,
+    session_devices,
+    summarize,
+    write_json,
+)
 from loadgen.runner import replay
+from loadgen.stacks import embedded_infra, stack_for
 from loadgen.workload import rescale
 
 __all__ = ["run_capacity"]
@@ -49,28 +56,24 @@ def run_capacity(args: Any) -> int:
     # Planned once, before anything is pinned: pin_self narrows this process's own CPUs.
     part = plan() if args.partition and not args.nats_url else None
     at_capacity: dict[str, list[RequestRecord]] = {}
-    with contextlib.ExitStack() as stack_ctx:
-        infra = None
-        if not args.nats_url:
-            from services.stack.embedded import EmbeddedInfra
-
-            tmp = stack_ctx.enter_context(tempfile.TemporaryDirectory())
-            infra = stack_ctx.enter_context(EmbeddedInfra(os.path.join(tmp, "infra")))
+    with embedded_infra(args.nats_url) as infra:
         for mode in modes:
             _say(f"[capacity] mode {mode}")
-            with _stack_for(args, infra, part) as (url, pinned):
+            with stack_for(args.nats_url, infra, part, _say, "[capacity]",
+                           extra_env=edge_env(job.fleets_file)) as (url, pinned):
                 records_by_load: dict[float, list[RequestRecord]] = {}
                 rounds: list[Any] = []
                 found = search(functools.partial(_probe, url, mode, job, repeats=args.repeats,
-                                                 keep=records_by_load, rounds=rounds),
+                                                 keep=records_by_load, rounds=rounds,
+                                                 quiet=args.quiet),
                                start=args.start_load, steps=args.steps, max_load=args.max_load,
                                min_load=args.min_load, say=_say)
             per_mode[mode] = found.as_dict(base)
             per_mode[mode]["partition"] = pinned
             # Over every probe, overloaded ones included (where falling behind is expected);
             # the mode's `valid` judges the two probes that decide its capacity.
-            per_mode[mode]["edges_behind"] = edges_behind(rounds, _devices(
-                r for recs in records_by_load.values() for r in recs))
+            per_mode[mode]["edges_behind"] = edges_behind(rounds, session_devices(
+                r for recs in records_by_load.values() for r in recs), profiles=job.profiles)
             points += [p.point(mode) for p in found.probes]
             if found.passed is not None:
                 at_capacity[mode] = records_by_load[found.passed.load]
@@ -100,7 +103,7 @@ def run_capacity(args: Any) -> int:
 
 
 def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
-           keep: dict[float, list[RequestRecord]], rounds: list[Any]) -> Probe:
+           keep: dict[float, list[RequestRecord]], rounds: list[Any], quiet: bool) -> Probe:
     """Replay the workload at `load` × its rate `repeats` times; the last repeat's records are
     kept by load (for the CDFs at capacity)."""
     specs = rescale(job.specs, rate_scale=load)
@@ -109,50 +112,19 @@ def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
     mine: list[Any] = []
     devices: dict[str, str] = {}
     for _ in range(repeats):
+        # One line per probe comes from the search; a bar only where a terminal shows it.
+        display = None if quiet else ProgressDisplay(label=f"{mode} x{load:.3g}", lines=False)
         outcome = asyncio.run(replay(url, specs, job.prompts, job.config(mode),
-                                     capped=job.capped, say=lambda line: None))
+                                     capped=job.capped, say=lambda line: None, display=display))
         res = summarize(outcome.records, duration_s=outcome.duration_s, offered_rps=offered)
         attainments.append(res["slo_attainment"] or 0.0)
         goodputs.append(res["goodput_rps"] or 0.0)
         keep[load] = outcome.records
         mine += outcome.round_events
-        devices.update(_devices(outcome.records))
+        devices.update(session_devices(outcome.records))
     rounds += mine
-    return Probe(load, attainments, goodputs, offered, edges=edges_behind(mine, devices))
-
-
-def _devices(records: Any) -> dict[str, str]:
-    """session id -> the device profile its request ran as (for edges_behind)."""
-    return {r.sid: r.device or "none" for r in records if r.sid}
-
-
-@contextlib.contextmanager
-def _stack_for(args: Any, infra: Any, part: Partition | None):
-    """(NATS URL, CPU partition report): the given stack (not partitioned: it is not ours), or
-    a fresh embedded one whose server side and edges are pinned to disjoint CPUs, with this
-    process on the edges' side."""
-    if infra is None:
-        yield args.nats_url, None
-        return
-    from services.stack.launcher import stack_options, start_stack, stop_stack
-
-    threads = str(max(1, min(len(part.server), len(part.edges)))) if part else None
-    with tempfile.TemporaryDirectory() as state:
-        stack = start_stack(stack_options(
-            nats_url=infra.nats_url, redis_url=infra.redis_url, verifiers=1, device="cpu",
-            state_dir=os.path.join(state, ".wisp"),
-            extra_env={"OMP_NUM_THREADS": threads} if threads else {}))
-        try:
-            pinned = None
-            if part is not None:
-                # The servers were started before the stack: pin them too (by pid).
-                pinned = apply(SimpleNamespace(services=stack.services, infra=infra), part)
-                pinned["self"] = pin_self(part)
-                _say(f"[capacity] CPUs: server side {sorted(part.server)}, edges and loadgen "
-                     f"{sorted(part.edges)}" + (f" ({part.reason})" if part.shared else ""))
-            yield stack.nats_url, pinned
-        finally:
-            stop_stack(stack)
+    return Probe(load, attainments, goodputs, offered,
+                 edges=edges_behind(mine, devices, profiles=job.profiles))
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -182,8 +154,10 @@ def _markdown(result: dict[str, Any]) -> str:
               "was >= 90 %; the first failing load bounds it from above."]
     fleet = w["fleet"]
     lines += ["", f"Fleet `{fleet['name']}`: " + ", ".join(
-        f"{name} {p['share']:.0%}" for name, p in fleet["profiles"].items())
-        + " (connectivity gaps not emulated)."]
+        f"{name} {p['share']:.0%} ({p['draft_ms_per_token']:g} ms/draft token, "
+        f"RTT {p['rtt_ms']:g} ms" + (f", a {p['gap_s']:g} s link gap every ~{p['gap_every_s']:g} s"
+                                     if p.get("gap_every_s") else "") + ")"
+        for name, p in fleet["profiles"].items()) + "."]
     for mode, r in result["modes"].items():
         part, behind = r.get("partition"), r["edges_behind"]
         where = ("not partitioned (an external stack)" if part is None else

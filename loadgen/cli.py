@@ -4,11 +4,16 @@
                    [--nats-url URL | --state-dir .wisp] [--rate-scale X] [--output-tokens N]
                    [--slo-class NAME] [--warmup-s S] [--seed N]
 
+    loadgen sweep --trace FILE --modes sled,wisp (--rates 0.5,1,2,4 | --concurrency 1,4,16)
+                  [--repeats N] [--warmup-s S] [--out-dir DIR] [--nats-url URL | --state-dir D]
+
 `replay` sends one workload (an Azure trace CSV or a JSONL file) in one mode through the real
 SDK to the stack `wisp up` started (found through `<state-dir>/stack.json`) or to `--nats-url`,
 then writes the JSON result and a Markdown summary and prints the summary. Prompts of the
 requested lengths are cut from the held-out corpus; lengths are capped to what the target can
-take, and the result says how many were.
+take, and the result says how many were. `capacity` searches each mode's highest load within
+SLO (loadgen/capacity_run.py); `sweep` measures every mode at each given load
+(loadgen/sweep_run.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ def _workload_options(p: argparse.ArgumentParser) -> None:
                    help="divide the trace's timeline (60: an hour of trace in a minute)")
     p.add_argument("--output-tokens", type=int, default=None,
                    help="force every request's output length")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="cap prompts to this many tokens (default: half the target's context); "
+                        "the report counts the capped requests")
     p.add_argument("--slo-class", default="standard",
                    help="SLO class of requests that name none ('none': no SLO)")
     p.add_argument("--seed", type=int, default=0, help="prompt text and device draws")
@@ -44,6 +52,32 @@ def _workload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="target model folder (tokenizer, limits)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
     p.add_argument("--json", dest="json_out", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or progress lines on stderr")
+
+
+def _positive_list(kind: type):
+    """An argparse type: comma-separated numbers, each > 0 (`kind`: int or float)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of {kind.__name__}s: {text!r}") from None
+        if not values or not all(0 < v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+        return values
+    return parse
+
+
+def _stack_options(p: argparse.ArgumentParser, what: str) -> None:
+    """Where a multi-mode command sends its load."""
+    p.add_argument("--nats-url", default=None,
+                   help=f"{what} this stack for every mode (default: an embedded stack per mode)")
+    p.add_argument("--out-dir", type=Path, default=Path("loadgen-results"),
+                   help="JSON, Markdown and plots go here")
+    p.add_argument("--no-partition", dest="partition", action="store_false",
+                   help="do not pin the embedded stack's server side and edges to disjoint "
+                        "CPUs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,13 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--min-load", type=float, default=1 / 64,
                     help="give up below this (a mode that fails even there has no capacity "
                          "under these SLOs and devices)")
-    cp.add_argument("--nats-url", default=None,
-                    help="probe this stack for every mode (default: an embedded stack per mode)")
-    cp.add_argument("--out-dir", type=Path, default=Path("loadgen-results"),
-                    help="JSON, Markdown and plots go here")
-    cp.add_argument("--no-partition", dest="partition", action="store_false",
-                    help="do not pin the embedded stack's server side and edges to disjoint "
-                         "CPUs")
+    _stack_options(cp, "probe")
+    sp = sub.add_parser("sweep", help="every mode at each load of a rate or concurrency sweep")
+    _workload_options(sp)
+    sp.add_argument("--modes", default=",".join(MODES))
+    axis = sp.add_mutually_exclusive_group(required=True)
+    axis.add_argument("--rates", type=_positive_list(float),
+                      help="rate multipliers of the workload, e.g. 0.5,1,2,4 (open loop)")
+    axis.add_argument("--concurrency", type=_positive_list(int),
+                      help="client counts, e.g. 1,4,16 (closed loop: each client sends the "
+                           "next request when its previous one finished; timestamps ignored)")
+    sp.add_argument("--warmup-s", type=float, default=0.0,
+                    help="leave requests sent in each run's first S seconds out of the metrics")
+    sp.add_argument("--repeats", type=int, default=1, help="replays per point")
+    _stack_options(sp, "sweep")
+    sp.add_argument("--state-dir", default=None,
+                    help="sweep the stack `wisp up` runs from here (as --nats-url)")
     return ap
 
 
@@ -87,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             from loadgen.capacity_run import run_capacity
 
             return run_capacity(args)
+        if args.command == "sweep":
+            from loadgen.sweep_run import run_sweep
+
+            return run_sweep(args)
         return _replay(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"loadgen: {exc}", file=sys.stderr)
@@ -101,13 +148,15 @@ def _nats_url(args) -> str:
 
 def _replay(args) -> int:
     from loadgen.job import offered_rps, prepare
+    from loadgen.progress import ProgressDisplay
     from loadgen.report import markdown, summarize, write_json
     from loadgen.runner import replay
 
     url = _nats_url(args)
     job = prepare(args)
     outcome = asyncio.run(replay(url, job.specs, job.prompts, job.config(args.mode),
-                                 capped=job.capped))
+                                 capped=job.capped,
+                                 display=None if args.quiet else ProgressDisplay()))
     # Rates are over the measured window: the run less its warm-up.
     result = summarize(outcome.records, duration_s=max(0.0, outcome.duration_s - args.warmup_s),
                        offered_rps=offered_rps(job.specs), warmup_s=args.warmup_s)

@@ -1,13 +1,16 @@
 """Emulated edge fleets: which device profile each request of a workload runs on.
 
-A :class:`Fleet` mixes named device profiles (services/edge_drafter/device_profile.py
-``PROFILES``) by weight; :func:`load_fleets` reads the shipped presets (loadgen/fleets.toml)
-and a user's file, :func:`assign` gives every request that names no device one drawn by
-weight (seeded), and :func:`describe` states a fleet's numbers for a report.
+A :class:`Fleet` mixes named device profiles by weight; :func:`load_fleets` reads the shipped
+presets (loadgen/fleets.toml) and a user's file, :func:`assign` gives every request that names
+no device one drawn by weight (seeded), and :func:`describe` states a fleet's numbers for a
+report.
 
-The profiles are illustrative assumptions, not measurements, and connectivity gaps are not
-emulated (the edge delays messages, a link never drops): every description says
-``gaps_emulated: false``.
+A profile name is one of the edge's presets (services/edge_drafter/profiles.toml) or a
+``[profiles.NAME]`` table of the fleets file itself, in the edge's own format: hand the same
+file to the edge-drafter (:func:`edge_env`) and it emulates those profiles too, and judge the
+run against :func:`known_profiles` (``edges_behind(..., profiles=...)``). The presets are
+illustrative assumptions, not measurements; profiles with ``gap_every_s`` lose their link now
+and then (the edge holds messages through a gap), and a description lists them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.workload import RequestSpec
-from services.edge_drafter.device_profile import PROFILES, DeviceProfile
+from services.edge_drafter.profiles import PROFILES, DeviceProfile, load_profiles
 
-__all__ = ["GAPS_EMULATED", "SHIPPED_FLEETS", "Fleet", "assign", "describe", "load_fleets"]
+__all__ = ["SHIPPED_FLEETS", "Fleet", "assign", "describe", "edge_env", "known_profiles",
+           "load_fleets"]
 
 SHIPPED_FLEETS = Path(__file__).with_name("fleets.toml")
-GAPS_EMULATED = False  # the edge has no notion of a dropped link (see fleets.toml)
-_FILE_KEYS = {"fleets", "gaps_emulated"}
+# [profiles.*] are the edge's format, read by services.edge_drafter.profiles.
+_FILE_KEYS = {"fleets", "profiles"}
 _FLEET_KEYS = {"profiles", "description"}
 
 
@@ -91,9 +95,6 @@ def _read(path: Path, profiles: Mapping[str, Any]) -> dict[str, Fleet]:
     unknown = sorted(set(doc) - _FILE_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(_FILE_KEYS)}")
-    if doc.get("gaps_emulated", False) is not False:
-        raise ValueError(f"{path}: gaps_emulated must be false: the edge does not emulate "
-                         "connectivity gaps")
     tables = doc.get("fleets", {})
     if not isinstance(tables, dict):
         raise ValueError(f"{path}: 'fleets' must be a table of [fleets.NAME] tables")
@@ -121,13 +122,30 @@ def _read(path: Path, profiles: Mapping[str, Any]) -> dict[str, Fleet]:
     return fleets
 
 
+def known_profiles(path: str | Path | None = None) -> dict[str, DeviceProfile]:
+    """Every profile a fleet may draw: the edge's presets plus the ``[profiles.NAME]`` tables
+    of the fleets file `path` (checked as the edge checks them: a bad number or a preset's
+    name is a ValueError naming the file, profile and field). Pass it to
+    :func:`describe` and to ``loadgen.partition.edges_behind(..., profiles=...)``."""
+    return load_profiles(path)
+
+
+def edge_env(path: str | Path | None) -> dict[str, str]:
+    """Environment for an edge-drafter that must know the fleets file's own profiles (a
+    stack's ``extra_env``); an external stack's edges need the same file. Empty without a
+    file."""
+    if not path:
+        return {}
+    return {"WISP_DEVICE_PROFILES": str(Path(path).resolve())}
+
+
 def load_fleets(path: str | Path | None = None, *,
                 profiles: Mapping[str, DeviceProfile] | None = None) -> dict[str, Fleet]:
     """The shipped fleets, plus those of `path` when given. Every error names the file and the
-    fleet: a bad weight, an unknown profile (checked against `profiles`, by default the edge's
-    ``PROFILES``), an unknown key, or a fleet that redefines a shipped one (a report's fleet
-    name would then mean two things)."""
-    table = PROFILES if profiles is None else profiles
+    fleet: a bad weight, an unknown profile (checked against `profiles`, by default
+    :func:`known_profiles` of `path`), an unknown key, or a fleet that redefines a shipped one
+    (a report's fleet name would then mean two things)."""
+    table = known_profiles(path) if profiles is None else profiles
     fleets = _read(SHIPPED_FLEETS, table)
     if path is not None:
         for name, fleet in _read(Path(path), table).items():
@@ -154,21 +172,30 @@ def assign(specs: Iterable[RequestSpec], fleet: Fleet, seed: int) -> list[Reques
 
 def describe(fleet: Fleet, *,
              profiles: Mapping[str, DeviceProfile] | None = None) -> dict[str, Any]:
-    """A fleet's numbers for a report: every profile's share and emulated speed and link."""
+    """A fleet's numbers for a report: every profile's share, emulated speed, link and gaps
+    (`profiles`: where its names are defined, by default the presets; pass
+    :func:`known_profiles` for a file's own)."""
     table = PROFILES if profiles is None else profiles
     _check_names(fleet, table, "describe")
     shares = fleet.shares
+    with_gaps = sorted(n for n in fleet.weights if table[n].has_gaps)
     return {
         "name": fleet.name,
         "description": fleet.description,
-        "gaps_emulated": GAPS_EMULATED,
-        "note": "illustrative assumptions, not measurements of real devices",
+        # Gaps are emulated (a message sent in one waits for its end); these profiles have any.
+        "gaps_emulated": bool(with_gaps),
+        "profiles_with_gaps": with_gaps,
+        "note": "preset profiles are illustrative assumptions, not measurements of real "
+                "devices",
         "profiles": {
             name: {"share": shares[name],
+                   "preset": table[name] == PROFILES.get(name),  # else a file's own numbers
                    "draft_ms_per_token": table[name].draft_ms_per_token,
                    "rtt_ms": table[name].rtt_ms,
                    "jitter_ms": table[name].jitter_ms,
                    "uplink_kbps": table[name].uplink_kbps,  # 0: unlimited
-                   "downlink_kbps": table[name].downlink_kbps}
+                   "downlink_kbps": table[name].downlink_kbps,
+                   "gap_every_s": table[name].gap_every_s,  # 0: no gaps
+                   "gap_s": table[name].gap_s}
             for name in sorted(fleet.weights)},
     }

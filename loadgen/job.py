@@ -5,11 +5,11 @@ the replay settings (SLO classes, timeouts). Shared by `loadgen replay` and `loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen.fleet import assign, describe, load_fleets
+from loadgen.fleet import assign, describe, known_profiles, load_fleets
 from loadgen.runner import ReplayConfig
 from loadgen.workload import (
     DEFAULT_SLO_CLASSES,
@@ -20,6 +20,7 @@ from loadgen.workload import (
     read_workload,
     rescale,
 )
+from services.edge_drafter.profiles import DeviceProfile
 
 __all__ = ["Job", "offered_rps", "prepare"]
 
@@ -35,6 +36,10 @@ class Job:
     timeout_s: float
     context: int
     fleet: dict[str, Any]  # loadgen.fleet.describe of the fleet the devices were drawn from
+    # Every profile a device may name (presets + the fleets file's own): for edges_behind.
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    # The fleets file, when given: the edge-drafters need it too (loadgen.fleet.edge_env).
+    fleets_file: Path | None = None
 
     def config(self, mode: str) -> ReplayConfig:
         return ReplayConfig(mode=mode, slo_classes=DEFAULT_SLO_CLASSES,
@@ -65,15 +70,23 @@ def prepare(args: Any) -> Job:
                                  time_compression=args.time_compression), args.output_tokens)
     # The verifier's default prompt limit is half the context; a round's draft needs room too.
     asked = {s.index: (s.prompt_tokens, s.output_tokens) for s in specs}
-    specs, _ = cap_lengths(specs, max_prompt_tokens=context // 2,
+    max_prompt = context // 2
+    if getattr(args, "max_prompt_tokens", None) is not None:
+        if args.max_prompt_tokens < 1:
+            raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+        max_prompt = min(max_prompt, args.max_prompt_tokens)
+    specs, _ = cap_lengths(specs, max_prompt_tokens=max_prompt,
                            max_output_tokens=context // 2, max_context=context - DRAFT_ROOM)
     capped = {s.index for s in specs if (s.prompt_tokens, s.output_tokens) != asked[s.index]}
-    fleets = load_fleets(getattr(args, "fleets_file", None))
+    fleets_file = getattr(args, "fleets_file", None)
+    profiles = known_profiles(fleets_file)
+    fleets = load_fleets(fleets_file, profiles=profiles)
     if args.fleet not in fleets:
         raise ValueError(f"unknown fleet {args.fleet!r}; known: {sorted(fleets)}")
     specs = assign(specs, fleets[args.fleet], args.seed)
     return Job(specs, capped, PromptBuilder(tokenizer, seed=args.seed), default, args.timeout_s,
-               context, describe(fleets[args.fleet]))
+               context, describe(fleets[args.fleet], profiles=profiles), profiles,
+               Path(fleets_file) if fleets_file else None)
 
 
 def offered_rps(specs: list[RequestSpec]) -> float | None:

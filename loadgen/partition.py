@@ -26,10 +26,9 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from services.edge_drafter.device_profile import DeviceProfile
+from services.edge_drafter.profiles import PROFILES, DeviceProfile
 
 __all__ = ["EDGE_MODULES", "Partition", "apply", "edges_behind", "pin_self", "plan"]
 
@@ -212,14 +211,16 @@ def edges_behind(round_events: Iterable[Any], fleet_profiles: Mapping[str, str],
     there is nothing to fall behind) are not judged, only counted. The run is ``valid`` when
     no profile has more than `max_share` of its rounds behind — per profile, so a small group
     of slow devices is not hidden by a large group of fast ones; ``worst`` lists the profiles
-    with rounds behind, the largest share first."""
+    with rounds behind, the largest share first.
+
+    `profiles` maps a profile name to its numbers: by default the edge's presets; a fleets
+    file's own profiles need ``loadgen.fleet.known_profiles(path)`` (presets included), else
+    their rounds go unjudged."""
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     if not 0 <= max_share <= 1:
         raise ValueError(f"max_share must be in [0, 1], got {max_share}")
     if profiles is None:
-        # Late: that module pulls in the engine, which pinning processes does not need.
-        from services.edge_drafter.device_profile import PROFILES
         profiles = PROFILES
     by_profile: dict[str, dict[str, Any]] = {}
     unjudged = 0

@@ -39,10 +39,12 @@ __all__ = [
     "RoundSample",
     "capacity",
     "markdown",
+    "measured",
     "percentile",
     "plot_cdfs",
     "plot_over_time",
     "plot_vs_load",
+    "session_devices",
     "summarize",
     "write_json",
 ]
@@ -156,7 +158,19 @@ def _agreement(pairs: list[tuple[float, float]]) -> dict[str, Any]:
             "p99": _round(percentile(gaps, 99))}
 
 
+def session_devices(records: Iterable[RequestRecord]) -> dict[str, str]:
+    """session id -> the device profile its request ran as ("none": no profile), which joins
+    the stack's round events to the profiles (``loadgen.partition.edges_behind``)."""
+    return {r.sid: r.device or "none" for r in records if r.sid}
+
+
 # -- summary ----------------------------------------------------------------------------------
+def measured(records: list[RequestRecord], warmup_s: float) -> list[RequestRecord]:
+    """The records sent at least `warmup_s` after the run's first send (the rest are warm-up)."""
+    t0 = min((r.sent_s for r in records), default=0.0)
+    return [r for r in records if r.sent_s - t0 >= warmup_s]
+
+
 def summarize(records: list[RequestRecord], *, duration_s: float,
               offered_rps: float | None = None, warmup_s: float = 0.0) -> dict[str, Any]:
     """The run's metrics (see the module's docstring for definitions).
@@ -166,18 +180,17 @@ def summarize(records: list[RequestRecord], *, duration_s: float,
     rates are taken; ``offered_rps`` is reported as given (None: the caller did not say)."""
     if duration_s < 0 or warmup_s < 0:
         raise ValueError(f"duration_s and warmup_s must be >= 0, got {duration_s}, {warmup_s}")
-    t0 = min((r.sent_s for r in records), default=0.0)
-    measured = [r for r in records if r.sent_s - t0 >= warmup_s]
-    completed = [r for r in measured if r.completed]
-    failed = [r for r in measured if not r.completed]
-    with_slo = [r for r in measured if r.has_slo]
+    kept = measured(records, warmup_s)
+    completed = [r for r in kept if r.completed]
+    failed = [r for r in kept if not r.completed]
+    with_slo = [r for r in kept if r.has_slo]
     met = [r for r in with_slo if r.met_slo]
     errors = Counter(r.error_code or (UNFINISHED if r.done_s is None else UNKNOWN)
                      for r in failed)
 
     if not with_slo:
         slo = "none"  # attainment and goodput are undefined, not zero
-    elif len(with_slo) < len(measured):
+    elif len(with_slo) < len(kept):
         slo = "partial"  # requests without an SLO are left out of attainment
     else:
         slo = "all"
@@ -185,26 +198,26 @@ def summarize(records: list[RequestRecord], *, duration_s: float,
     goodput_tps = _ratio(sum(r.num_tokens for r in met), duration_s) if with_slo else None
 
     return {
-        "requests": len(measured),
+        "requests": len(kept),
         "completed": len(completed),
         "failed": len(failed),
         "unfinished": sum(r.done_s is None for r in failed),
         "errors_by_code": dict(sorted(errors.items())),
-        "warmup": len(records) - len(measured),
+        "warmup": len(records) - len(kept),
         "warmup_s": float(warmup_s),
-        "capped": sum(r.capped for r in measured),
-        "modes": sorted({r.mode for r in measured}),
+        "capped": sum(r.capped for r in kept),
+        "modes": sorted({r.mode for r in kept}),
         "slo": slo,
         "requests_with_slo": len(with_slo),
         "slo_met": len(met),
         "slo_attainment": _round(_ratio(len(met), len(with_slo)), 4),
         "goodput_rps": _round(goodput_rps, 4),
         "goodput_tokens_per_s": _round(goodput_tps),
-        "output_tokens": sum(r.num_tokens for r in measured),
-        "throughput_tokens_per_s": _round(_ratio(sum(r.num_tokens for r in measured),
+        "output_tokens": sum(r.num_tokens for r in kept),
+        "throughput_tokens_per_s": _round(_ratio(sum(r.num_tokens for r in kept),
                                                  duration_s)),
         "offered_rps": _round(offered_rps, 4),
-        "sent_rps": _round(_ratio(len(measured), duration_s), 4),
+        "sent_rps": _round(_ratio(len(kept), duration_s), 4),
         "achieved_rps": _round(_ratio(len(completed), duration_s), 4),
         "ttft_ms": _stats_ms(r.ttft_ms for r in completed if r.ttft_ms is not None),
         "tpot_ms": _stats_ms(r.tpot_ms for r in completed

@@ -2,74 +2,82 @@
 the draft port and the NATS verify port) so that a benchmark can model a device honestly and
 reproducibly on any host.
 
-The named profiles are illustrative assumptions for experiments, not measurements of real
-devices; pass explicit numbers (or your own measured profile) for claims about hardware.
+The profiles' numbers and files are `services.edge_drafter.profiles` (re-exported here for
+existing callers); the preset profiles are illustrative assumptions for experiments, not
+measurements of real devices; pass explicit numbers (or your own measured profile) for claims
+about hardware.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from common.engine.session import DraftPort
 from common.errors import ErrorCode, WispError
 from common.transport.generation import NatsVerifyPort
+from services.edge_drafter.profiles import PROFILES, DeviceProfile, get_profile, load_profiles
+
+__all__ = ["PROFILES", "DeviceProfile", "EmulatedDrafter", "GapSchedule", "LinkEmulator",
+           "emulate", "get_profile", "load_profiles"]
 
 
-@dataclass(slots=True, frozen=True)
-class DeviceProfile:
-    name: str
-    draft_ms_per_token: float = 0.0  # 0: as fast as this host drafts; else emulate this speed
-    rtt_ms: float = 0.0  # round trip edge <-> server, split evenly up and down
-    jitter_ms: float = 0.0  # extra one-way delay drawn uniformly from [0, jitter_ms]
-    uplink_kbps: float = 0.0  # 0: unlimited
-    downlink_kbps: float = 0.0
+class GapSchedule:
+    """The connectivity gaps of one link, in seconds since it came up: link-up times drawn
+    exponentially with mean `every_s` (so gaps come as a Poisson process that never overlaps
+    itself), each gap `length_s` long. Drawn lazily as time goes on, from its own seeded
+    generator, so the same seed gives the same gaps whatever else is drawn."""
 
-    def __post_init__(self) -> None:
-        for name in ("draft_ms_per_token", "rtt_ms", "jitter_ms", "uplink_kbps",
-                     "downlink_kbps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"device profile {self.name!r}: {name} must be >= 0")
+    def __init__(self, every_s: float, length_s: float, seed: int):
+        if not (every_s > 0 and length_s > 0):
+            raise ValueError(f"gaps need every_s > 0 and length_s > 0, got {every_s}, "
+                             f"{length_s}")
+        self.every_s, self.length_s = every_s, length_s
+        self._rng = random.Random(f"wisp-gaps:{seed}")
+        self._starts: list[float] = []  # gap starts drawn so far, ascending
+        self._next_start = self._rng.expovariate(1 / every_s)
 
+    def _draw_past(self, t: float) -> None:
+        while self._next_start <= t:
+            self._starts.append(self._next_start)
+            self._next_start += self.length_s + self._rng.expovariate(1 / self.every_s)
 
-PROFILES: dict[str, DeviceProfile] = {
-    p.name: p for p in (
-        DeviceProfile("none"),
-        DeviceProfile("lan", rtt_ms=2.0, jitter_ms=0.5),
-        DeviceProfile("wifi", rtt_ms=20.0, jitter_ms=5.0, uplink_kbps=50_000,
-                      downlink_kbps=100_000),
-        DeviceProfile("4g", rtt_ms=60.0, jitter_ms=15.0, uplink_kbps=10_000,
-                      downlink_kbps=30_000),
-        DeviceProfile("slow-phone-4g", draft_ms_per_token=25.0, rtt_ms=60.0, jitter_ms=15.0,
-                      uplink_kbps=10_000, downlink_kbps=30_000),
-        # The emulated fleets' devices (loadgen/fleets.toml), assumptions like the rest: a
-        # Jetson-class box on Wi-Fi, a phone on LTE, and a wired edge server drafting on a
-        # server-class CPU. No connectivity gaps: the edge emulates none (a link never drops).
-        DeviceProfile("jetson-wifi", draft_ms_per_token=8.0, rtt_ms=20.0, jitter_ms=5.0,
-                      uplink_kbps=50_000, downlink_kbps=100_000),
-        DeviceProfile("phone-lte", draft_ms_per_token=25.0, rtt_ms=60.0, jitter_ms=15.0,
-                      uplink_kbps=10_000, downlink_kbps=30_000),
-        DeviceProfile("edge-server-wired", draft_ms_per_token=3.0, rtt_ms=2.0, jitter_ms=0.5),
-    )
-}
+    def gaps(self, until_s: float) -> list[tuple[float, float]]:
+        """(start, end) of every gap starting at or before `until_s`."""
+        self._draw_past(until_s)
+        return [(s, s + self.length_s) for s in self._starts if s <= until_s]
+
+    def hold_s(self, t: float) -> float:
+        """How long a message sent at `t` waits for the link: to the end of the gap `t` falls
+        in, else 0."""
+        self._draw_past(t)
+        i = bisect.bisect_right(self._starts, t) - 1
+        return max(0.0, self._starts[i] + self.length_s - t) if i >= 0 else 0.0
 
 
-def get_profile(name: str | None) -> DeviceProfile | None:
-    """None or '' means no emulation; an unknown name is an error listing the known ones."""
-    if not name or name == "none":
-        return None
-    if name not in PROFILES:
-        raise ValueError(f"unknown device profile {name!r}; known: {sorted(PROFILES)}")
-    return PROFILES[name]
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 class LinkEmulator:
-    """Per-session delays for one profile; seeded so a run can be repeated exactly."""
+    """Per-session delays for one profile; seeded so a run can be repeated exactly.
 
-    def __init__(self, profile: DeviceProfile, seed: int):
+    A delay is asked for at the moment a message is sent (`now`, default `clock()`: the event
+    loop's time): the uplink's before a round goes out, the downlink's when the reply comes in
+    (when the server sent it). A message sent during a connectivity gap is held to the gap's
+    end, then takes its usual one-way time; the gaps' clock starts at the session's first
+    message."""
+
+    def __init__(self, profile: DeviceProfile, seed: int,
+                 clock: Callable[[], float] = _loop_time):
         self.profile = profile
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # jitter; the gaps draw from their own generator
+        self._gaps = (GapSchedule(profile.gap_every_s, profile.gap_s, seed)
+                      if profile.has_gaps else None)
+        self._clock = clock
+        self._up_since: float | None = None
 
     @property
     def uplink_ms(self) -> float:
@@ -82,11 +90,20 @@ class LinkEmulator:
             return 0.0
         return max(0.0, num_tokens * self.profile.draft_ms_per_token / 1e3 - measured_s)
 
-    def uplink_delay_s(self, num_bytes: int) -> float:
-        return self._one_way_s(num_bytes, self.profile.uplink_kbps)
+    def uplink_delay_s(self, num_bytes: int, now: float | None = None) -> float:
+        return self.gap_hold_s(now) + self._one_way_s(num_bytes, self.profile.uplink_kbps)
 
-    def downlink_delay_s(self, num_bytes: int) -> float:
-        return self._one_way_s(num_bytes, self.profile.downlink_kbps)
+    def downlink_delay_s(self, num_bytes: int, now: float | None = None) -> float:
+        return self.gap_hold_s(now) + self._one_way_s(num_bytes, self.profile.downlink_kbps)
+
+    def gap_hold_s(self, now: float | None = None) -> float:
+        """How long a message sent at `now` waits for a connectivity gap to end (0: none)."""
+        if self._gaps is None:
+            return 0.0
+        now = self._clock() if now is None else now
+        if self._up_since is None:
+            self._up_since = now
+        return self._gaps.hold_s(now - self._up_since)
 
     def _one_way_s(self, num_bytes: int, kbps: float) -> float:
         ms = self.profile.rtt_ms / 2 + self._rng.uniform(0.0, self.profile.jitter_ms)
@@ -119,14 +136,16 @@ class EmulatedDrafter:
         await self.inner.resync(sid, committed)
 
 
-def emulate(default_profile: DeviceProfile | None):
-    """The edge's emulation hook for `GenerationServer`: a request's named profile (or the
-    process's default) shapes that session's ports; an unknown name is a BAD_REQUEST."""
+def emulate(default_profile: DeviceProfile | None,
+            profiles: Mapping[str, DeviceProfile] | None = None):
+    """The edge's emulation hook for `GenerationServer`: a request's named profile (looked up
+    in `profiles`, default the presets; or the process's default) shapes that session's
+    ports; an unknown name is a BAD_REQUEST listing the known ones."""
 
     def wrap(name: str | None, sid: str, verifier: NatsVerifyPort,
              drafter: DraftPort | None) -> tuple[NatsVerifyPort, DraftPort | None]:
         try:
-            profile = get_profile(name) if name else default_profile
+            profile = get_profile(name, profiles) if name else default_profile
         except ValueError as exc:
             raise WispError(ErrorCode.BAD_REQUEST, str(exc)) from None
         if profile is None:

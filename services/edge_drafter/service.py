@@ -33,8 +33,8 @@ from common.store import SessionStore
 from common.subjects import EDGE_QUEUE, GENERATE_EDGE, SERVER_GENERATE, to_name
 from common.transport.generation import GenerationServer
 from common.transport.predictor_store import PredictorFollower
-from common.transport.service import Service
-from services.edge_drafter.device_profile import emulate, get_profile
+from common.transport.service import Service, publish_refusal
+from services.edge_drafter.device_profile import emulate, get_profile, load_profiles
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,10 @@ class EdgeConfig(BaseConfig):
     k_max: int = 8  # most tokens this drafter drafts per round (requests may ask for fewer)
     kv_budget_mb: int = 128
     device_id: str = ""  # default: this host's name
-    device_profile: str = ""  # emulate a device (services/edge_drafter/device_profile.py)
+    device_profile: str = ""  # emulate a device (services/edge_drafter/profiles.toml)
+    # A TOML file of [profiles.NAME] tables (e.g. a loadgen fleets file) that requests and
+    # device_profile may name besides the presets; "": the presets only.
+    device_profiles: str = ""
     verify_timeout_s: float = 10.0
     verify_retries: int = 3
     predictor: str = DEFAULT_PREDICTOR  # rejection predictor (ONNX) for mode wisp; "": none
@@ -59,7 +62,8 @@ class EdgeConfig(BaseConfig):
     def __post_init__(self) -> None:
         if not 1 <= self.k_max <= wire.MAX_DRAFT_TOKENS:
             raise ValueError(f"k_max must be in [1, {wire.MAX_DRAFT_TOKENS}], got {self.k_max}")
-        get_profile(self.device_profile)  # an unknown profile fails at start
+        # A bad profiles file or an unknown profile fails at start, not at the first request.
+        get_profile(self.device_profile, load_profiles(self.device_profiles))
         if not 0.0 <= self.predictor_explore <= 1.0:
             raise ValueError(f"predictor_explore must be in [0, 1], got {self.predictor_explore}")
 
@@ -84,6 +88,7 @@ class EdgeDrafterService(Service):
                                                  cfg.dtype or None)
         model = self.model
         runner = make_runner(model.model, kv_budget_bytes=cfg.kv_budget_mb << 20)
+        profiles = load_profiles(cfg.device_profiles)
         if cfg.predictor:  # a missing or refused file is the slot's warning: wisp drafts k_max
             await asyncio.to_thread(self.predictor.install_file, cfg.predictor)
         if cfg.follow_predictor:
@@ -103,7 +108,7 @@ class EdgeDrafterService(Service):
             verify_retries=cfg.verify_retries,
             max_prompt_bytes=max_prompt_bytes(limits.max_prompt_tokens,
                                               model.longest_token_bytes),
-            emulation=emulate(get_profile(cfg.device_profile)),
+            emulation=emulate(get_profile(cfg.device_profile, profiles), profiles),
             elsewhere={m: SERVER_GENERATE for m in wire.SERVER_MODES})
         self._sub = await self.nc.subscribe(GENERATE_EDGE, queue=EDGE_QUEUE, cb=self._on_generate)
 
@@ -132,6 +137,7 @@ class EdgeDrafterService(Service):
         except WispError as err:
             log.warning("bad_generate_request", reason=err.message)
             await self.nc.publish(msg.reply, wire.error_reply(err))
+            await publish_refusal(self.nc, err)
             return
         task = asyncio.create_task(self.server.serve(request, msg.reply))
         self.tasks.add(task)

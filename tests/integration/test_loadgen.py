@@ -77,3 +77,34 @@ def test_capacity_probes_the_running_stack_and_writes_its_report(stack, tmp_path
     for name in ("vs_load.png", "cdf_at_capacity.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "never failed" in (out / "capacity.md").read_text()
+
+
+def test_a_sweep_measures_every_point_and_writes_its_report(stack, tmp_path) -> None:
+    """Two rates and one concurrency, one mode, 4 requests each (the full run is the
+    operator's): every point has §7's metrics and the edges' verdict, the table a row each."""
+    common = ["--trace", str(TRACE), "--start", "100", "--max-requests", "4",
+              "--output-tokens", "8", "--modes", "sled", "--nats-url", stack.nats_url, "--quiet"]
+    out = tmp_path / "rates"
+    assert main(["sweep", *common, "--rates", "1,2", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["axis"] == "rate_scale" and result["broken_modes"] == []
+    points = result["points"]
+    assert [(p["mode"], p["rate_scale"]) for p in points] == [("sled", 1.0), ("sled", 2.0)]
+    for p in points:
+        assert (p["requests"], p["completed"], p["failed"], p["stopped_early"]) == (4, 4, 0, None)
+        assert 0 <= p["slo_attainment"] <= 1 and p["goodput_rps"] >= 0 and p["offered_rps"] > 0
+        for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            assert 0 < p[metric]["p50"] <= p[metric]["p90"] <= p[metric]["p99"]
+        assert "edges_valid" in p and p["edges_behind"]["rounds"] == 0  # fleet none: unjudged
+    assert points[1]["offered_rps"] == pytest.approx(2 * points[0]["offered_rps"], rel=1e-3)
+    rows = [line for line in (out / "sweep.md").read_text().splitlines()
+            if line.startswith("| sled |")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2"]
+    for name in ("vs_load.png", "cdf.png", "over_time_sled.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    closed = tmp_path / "closed"
+    assert main(["sweep", *common, "--concurrency", "2", "--out-dir", str(closed)]) == 0
+    (point,) = json.loads((closed / "sweep.json").read_text())["points"]
+    assert (point["concurrency"], point["completed"], point["offered_rps"]) == (2, 4, None)
+    assert "| sled | 2 |" in (closed / "sweep.md").read_text()

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from common.protocol import RoundEvent
-from loadgen.fleet import GAPS_EMULATED, Fleet, assign, describe, load_fleets
+from loadgen.fleet import Fleet, assign, describe, edge_env, known_profiles, load_fleets
 from loadgen.partition import apply, edges_behind, pin_self, plan
 from loadgen.workload import RequestSpec, synthetic
-from services.edge_drafter.device_profile import PROFILES, get_profile
+from services.edge_drafter.device_profile import PROFILES, get_profile, load_profiles
 
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"),
                                 reason="CPU affinity is Linux only")
@@ -40,7 +40,11 @@ def test_shipped_fleets_load_and_describe_themselves():
     assert mixed.shares == pytest.approx(
         {"jetson-wifi": 0.4, "phone-lte": 0.4, "edge-server-wired": 0.2})
     d = describe(mixed)
-    assert d["gaps_emulated"] is False and GAPS_EMULATED is False
+    # Only the phones lose their link now and then; the report says which profiles do.
+    assert d["gaps_emulated"] is True and d["profiles_with_gaps"] == ["phone-lte"]
+    assert d["profiles"]["phone-lte"]["gap_every_s"] == 120.0
+    assert d["profiles"]["jetson-wifi"]["gap_s"] == 0.0
+    assert describe(fleets["wired"])["gaps_emulated"] is False
     assert d["profiles"]["phone-lte"]["draft_ms_per_token"] == 25.0
     assert d["profiles"]["edge-server-wired"]["share"] == pytest.approx(0.2)
     assert describe(fleets["none"])["profiles"]["none"]["draft_ms_per_token"] == 0.0
@@ -62,7 +66,9 @@ def test_a_user_file_adds_fleets(tmp_path):
     ('[fleets.bad]\nprofiles = {}\n', "'bad'.*no profiles"),
     ('[fleets.bad]\nprofile = { "phone-lte" = 1 }\n', "'bad'.*unknown key"),
     ('[fleets.mixed]\nprofiles = { "phone-lte" = 1 }\n', "'mixed' is a shipped fleet"),
-    ('gaps_emulated = true\n', "gaps_emulated must be false"),
+    ('gaps_emulated = false\n', r"unknown key\(s\) \['gaps_emulated'\]"),
+    ('[profiles.lab]\nrtt_ms = -5\n', "'lab': rtt_ms must be a finite number >= 0"),
+    ('[profiles.lan]\nrtt_ms = 5\n', "'lan' is a preset"),
     ('[fleets.bad\n', "not valid TOML"),
 ])
 def test_a_bad_fleet_file_is_a_clear_error(tmp_path, text, match):
@@ -71,6 +77,36 @@ def test_a_bad_fleet_file_is_a_clear_error(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as info:
         load_fleets(path)
     assert str(path) in str(info.value)
+
+
+LAB = ('[profiles.lab-phone]\ndraft_ms_per_token = 40.0\nrtt_ms = 90.0\n'
+       'gap_every_s = 60.0\ngap_s = 3.0\n'
+       '[fleets.lab]\ndescription = "phones of our lab"\n'
+       'profiles = { "lab-phone" = 3, "phone-lte" = 1 }\n')
+
+
+def test_a_fleet_file_s_own_profiles_are_drawn_described_and_edge_loadable(tmp_path):
+    path = tmp_path / "lab.toml"
+    path.write_text(LAB)
+    profiles = known_profiles(path)
+    assert set(profiles) == set(PROFILES) | {"lab-phone"}
+    fleets = load_fleets(path)
+    lab = fleets["lab"]
+    drawn = {s.device for s in assign(synthetic(200, 5.0, seed=1), lab, seed=2)}
+    assert drawn == {"lab-phone", "phone-lte"}
+    d = describe(lab, profiles=profiles)
+    assert d["profiles"]["lab-phone"] | {"share": 0} == {
+        "share": 0, "preset": False, "draft_ms_per_token": 40.0, "rtt_ms": 90.0,
+        "jitter_ms": 0.0, "uplink_kbps": 0.0, "downlink_kbps": 0.0, "gap_every_s": 60.0,
+        "gap_s": 3.0}
+    assert d["profiles"]["phone-lte"]["preset"] is True
+    assert d["profiles_with_gaps"] == ["lab-phone", "phone-lte"]
+    with pytest.raises(ValueError, match="lab-phone"):
+        describe(lab)  # the presets alone do not know it
+    # The same file is the edge's: it loads there (fleets ignored) and edge_env names it.
+    assert load_profiles(path) == profiles
+    assert edge_env(path) == {"WISP_DEVICE_PROFILES": str(path.resolve())}
+    assert edge_env(None) == {}
 
 
 # -- assignment -------------------------------------------------------------------------------
@@ -232,6 +268,19 @@ def test_edges_behind_flags_profiles_whose_drafting_overran():
     # A looser bar passes; JSON-form events (read back from a file) work the same.
     loose = edges_behind([msgspec.to_builtins(e) for e in events], sids, max_share=0.5)
     assert loose["valid"] is True and loose["behind"] == 3
+
+
+def test_edges_behind_judges_a_fleet_file_s_own_profile(tmp_path):
+    path = tmp_path / "lab.toml"
+    path.write_text(LAB)
+    sids = {"a" * 32: "lab-phone"}
+    # 40 ms per token: 3 tokens on time at 121 ms, 3 tokens behind at 200 ms.
+    events = [_round("a" * 32, 3, 121.0), _round("a" * 32, 3, 200.0)]
+    r = edges_behind(events, sids, profiles=known_profiles(path))
+    assert r["rounds"] == 2 and r["behind"] == 1 and r["worst"] == ["lab-phone"]
+    assert r["by_profile"]["lab-phone"]["max_ratio"] == pytest.approx(200 / 120)
+    # Without the file's profiles its rounds cannot be judged (and are counted as such).
+    assert edges_behind(events, sids)["unjudged_rounds"] == 2
 
 
 def test_edges_behind_with_every_edge_on_time_is_valid():
