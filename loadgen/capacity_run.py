@@ -34,7 +34,7 @@ from loadgen.report import (
 )
 from loadgen.runner import replay
 from loadgen.stacks import embedded_infra, stack_for
-from loadgen.workload import rescale
+from loadgen.workload import rescale, window
 
 __all__ = ["run_capacity"]
 
@@ -65,7 +65,8 @@ def run_capacity(args: Any) -> int:
                 rounds: list[Any] = []
                 found = search(functools.partial(_probe, url, mode, job, repeats=args.repeats,
                                                  keep=records_by_load, rounds=rounds,
-                                                 quiet=args.quiet),
+                                                 quiet=args.quiet, probe_s=args.probe_s,
+                                                 min_requests=args.min_probe_requests),
                                start=args.start_load, steps=args.steps, max_load=args.max_load,
                                min_load=args.min_load, say=_say)
             per_mode[mode] = found.as_dict(base)
@@ -84,6 +85,7 @@ def run_capacity(args: Any) -> int:
         "capacity_ratios": ratios(capacities, BASELINES),
         "goodput_ratios": ratios(goodputs, BASELINES),
         "workload": {"trace": str(args.trace), "requests": len(job.specs), "base_rps": base,
+                     "probe_s": args.probe_s, "min_probe_requests": args.min_probe_requests,
                      "capped_to_model": len(job.capped), "slo_class": args.slo_class,
                      "fleet": job.fleet},
         "valid": all(r["valid"] for r in per_mode.values()),
@@ -103,10 +105,13 @@ def run_capacity(args: Any) -> int:
 
 
 def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
-           keep: dict[float, list[RequestRecord]], rounds: list[Any], quiet: bool) -> Probe:
+           keep: dict[float, list[RequestRecord]], rounds: list[Any], quiet: bool,
+           probe_s: float | None = None, min_requests: int = 1) -> Probe:
     """Replay the workload at `load` × its rate `repeats` times; the last repeat's records are
     kept by load (for the CDFs at capacity)."""
     specs = rescale(job.specs, rate_scale=load)
+    if probe_s is not None:
+        specs = window(specs, probe_s, min_requests=min_requests)
     offered = offered_rps(specs)
     attainments, goodputs = [], []
     mine: list[Any] = []
@@ -134,7 +139,9 @@ def _markdown(result: dict[str, Any]) -> str:
     w = result["workload"]
     lines = [f"# loadgen capacity: {Path(w['trace']).name}",
              "",
-             f"{w['requests']} requests, base rate {fmt(w['base_rps'])} req/s, SLO class "
+             f"{w['requests']} requests, base rate {fmt(w['base_rps'])} req/s"
+             + (f" (each probe: the requests arriving in its first {w['probe_s']:g} s, at least "
+                f"{w['min_probe_requests']})" if w.get("probe_s") else "") + ", SLO class "
              f"{w['slo_class']}, {w['capped_to_model']} capped to the model; {result['machine']}",
              "",
              "| mode | capacity (req/s) | first failing (req/s) | goodput at capacity (req/s) "

@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--min-load", type=float, default=1 / 64,
                     help="give up below this (a mode that fails even there has no capacity "
                          "under these SLOs and devices)")
+    cp.add_argument("--probe-s", type=float, default=None,
+                    help="each probe sends the requests that arrive in its first S seconds at "
+                         "that load (default: the whole workload, which at high loads shrinks "
+                         "to a burst)")
+    cp.add_argument("--min-probe-requests", type=int, default=20,
+                    help="with --probe-s, at least this many requests per probe")
     _stack_options(cp, "probe")
     sp = sub.add_parser("sweep", help="every mode at each load of a rate or concurrency sweep")
     _workload_options(sp)

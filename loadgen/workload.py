@@ -321,6 +321,20 @@ def rescale(specs: Iterable[RequestSpec], *, rate_scale: float = 1.0,
     return [dataclasses.replace(s, arrival_s=s.arrival_s / factor) for s in specs]
 
 
+def window(specs: Iterable[RequestSpec], duration_s: float, *,
+           min_requests: int = 1) -> list[RequestSpec]:
+    """The requests that arrive in the first `duration_s` seconds, and at least the first
+    `min_requests` (all there are, if fewer): a load probe then lasts about as long at every
+    load instead of shrinking to a burst as the rate grows."""
+    if not (math.isfinite(duration_s) and duration_s > 0) or min_requests < 1:
+        raise ValueError(f"need duration_s > 0 and min_requests >= 1, got {duration_s} and "
+                         f"{min_requests}")
+    ordered = sorted(specs, key=lambda s: s.arrival_s)
+    start = ordered[0].arrival_s if ordered else 0.0
+    inside = [s for s in ordered if s.arrival_s - start < duration_s]
+    return inside if len(inside) >= min_requests else ordered[:min_requests]
+
+
 def force_output(specs: Iterable[RequestSpec], output_tokens: int | None) -> list[RequestSpec]:
     """Every request generates `output_tokens` (None: each keeps its own)."""
     if output_tokens is None:

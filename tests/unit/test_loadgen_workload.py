@@ -322,3 +322,18 @@ def test_ids_for_uses_the_text_cut_to_its_end(builder, tokenizer):
     assert builder.ids_for(RequestSpec(0, 0.0, 1000, 1, prompt_text=text)) == ids  # no padding
     assert builder.ids_for(RequestSpec(0, 0.0, 3, 1, prompt_text=text)) == ids[-3:]
     assert builder.ids_for(RequestSpec(4, 0.0, 9, 1)) == builder.build(9, 4)
+
+
+def test_a_probe_window_keeps_its_length_at_every_load() -> None:
+    from loadgen.workload import RequestSpec, rescale, window
+
+    specs = [RequestSpec(index=i, arrival_s=float(i), prompt_tokens=8, output_tokens=4)
+             for i in range(100)]
+    assert [s.index for s in window(specs, 10.0)] == list(range(10))
+    fast = rescale(specs, rate_scale=4.0)  # 4 a second: 40 arrive in the same 10 s
+    assert len(window(fast, 10.0)) == 40
+    slow = rescale(specs, rate_scale=0.25)  # one every 4 s: the floor of requests applies
+    assert [s.index for s in window(slow, 10.0, min_requests=5)] == [0, 1, 2, 3, 4]
+    assert len(window(specs[:3], 10.0, min_requests=5)) == 3  # all there are
+    with pytest.raises(ValueError):
+        window(specs, 0.0)
