@@ -153,12 +153,29 @@ def _markdown(result: dict[str, Any]) -> str:
         cap = fmt(r["capacity_rps"])
         if r["capacity_rps"] is not None and r["first_failing_rps"] is None:
             cap = f">= {cap} (never failed up to --max-load)"
+        elif r.get("bound") == "lower":
+            cap = f">= {cap} (edges behind at the first failing load)"
+        def ratio(value: Any, base: str, r: dict[str, Any] = r) -> str:
+            # A lower bound over an exact capacity is a lower bound; over another lower bound
+            # it says nothing either way.
+            if value is None or base not in result["modes"]:
+                return fmt(value)
+            mine, theirs = (r.get("bound") == "lower",
+                            result["modes"][base].get("bound") == "lower")
+            if theirs:
+                return f"{fmt(value)} (bounds only)" if mine else f"<= {fmt(value)}"
+            return f">= {fmt(value)}" if mine else fmt(value)
+
         lines.append(f"| {mode} | {cap} | {fmt(r['first_failing_rps'])} | "
-                     f"{fmt(r['goodput_rps_at_capacity'])} | {fmt(cr.get('vs_centralized'))} | "
-                     f"{fmt(cr.get('vs_sled'))} | {fmt(gr.get('vs_centralized'))} | "
+                     f"{fmt(r['goodput_rps_at_capacity'])} | "
+                     f"{ratio(cr.get('vs_centralized'), 'centralized')} | "
+                     f"{ratio(cr.get('vs_sled'), 'sled')} | {fmt(gr.get('vs_centralized'))} | "
                      f"{fmt(gr.get('vs_sled'))} |")
     lines += ["", "Capacity: the highest probed load whose mean SLO attainment over the repeats "
-              "was >= 90 %; the first failing load bounds it from above."]
+              "was >= 90 %; the first failing load bounds it from above, unless the emulated "
+              "edges fell behind their profile there (then only the lower bound stands). A "
+              "pass with edges behind stands: slower devices made meeting the SLO harder, "
+              "not easier."]
     fleet = w["fleet"]
     lines += ["", f"Fleet `{fleet['name']}`: " + ", ".join(
         f"{name} {p['share']:.0%} ({p['draft_ms_per_token']:g} ms/draft token, "
@@ -176,8 +193,12 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {mode}: {where}; edges behind their profile in "
                      f"{behind.get('share_behind', 0):.1%} of all judged rounds"
                      + (f" ({ends})" if ends else "")
-                     + ("" if r["valid"] else " — INVALID: the edges fell behind at the "
-                        "capacity bracket, so it measures this host, not the fleet"))
+                     + ("" if r["valid"] else " — INVALID: nothing passed and the edges fell "
+                        "behind at the failures, so it measures this host, not the server")
+                     + (" — capacity is a lower bound: the edges fell behind at the first "
+                        "failing load (a host limit, not necessarily the server's)"
+                        if r.get("bound") == "lower" and r["first_failing_rps"] is not None
+                        else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.protocol import SERVER_MODES
 from services.edge_drafter.profiles import PROFILES, DeviceProfile
 
 __all__ = ["EDGE_MODULES", "Partition", "apply", "edges_behind", "pin_self", "plan"]
@@ -206,7 +207,8 @@ def edges_behind(round_events: Iterable[Any], fleet_profiles: Mapping[str, str],
     otherwise flag one-token drafts of a fast profile.
 
     `fleet_profiles` maps a session id to its profile name (the caller knows which request
-    ran where). Rounds that drafted nothing (server modes, a stopped draft), of sessions not
+    ran where). Rounds that drafted nothing (a stopped draft) or on the server (colocated,
+    centralized: `common.protocol.SERVER_MODES`), of sessions not
     in the map, or of profiles that emulate no speed (they draft as fast as the host can,
     there is nothing to fall behind) are not judged, only counted. The run is ``valid`` when
     no profile has more than `max_share` of its rounds behind — per profile, so a small group
@@ -226,6 +228,8 @@ def edges_behind(round_events: Iterable[Any], fleet_profiles: Mapping[str, str],
     unjudged = 0
     for event in round_events:
         drafted = _field(event, "drafted")
+        if _field(event, "mode") in SERVER_MODES:
+            drafted = 0  # colocated drafts on the server: no device there to fall behind
         name = fleet_profiles.get(_field(event, "sid"))
         profile = profiles.get(name) if name is not None else None
         if not drafted or profile is None or not profile.draft_ms_per_token:

@@ -291,3 +291,13 @@ def test_edges_behind_with_every_edge_on_time_is_valid():
     assert empty["valid"] and empty["rounds"] == 0 and empty["share_behind"] == 0.0
     with pytest.raises(ValueError):
         edges_behind([], sids, tolerance=-0.1)
+
+
+def test_colocated_rounds_draft_on_the_server_and_are_not_judged():
+    """A colocated session names a device, but its drafts ran on the server: a slow server
+    draft is not an edge falling behind."""
+    sids = {"a" * 32: "jetson-wifi"}
+    slow = [_round("a" * 32, 5, 400.0, mode="colocated") for _ in range(10)]
+    r = edges_behind(slow, sids)
+    assert r["valid"] and r["rounds"] == 0 and r["unjudged_rounds"] == 10
+    assert not edges_behind([_round("a" * 32, 5, 400.0, mode="sled")] * 10, sids)["valid"]
