@@ -26,12 +26,11 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.client import Client, Overloaded, ServerError
-from common.config import BaseConfig
 from common.errors import ErrorCode
 from common.models.loading import DEFAULT_DRAFT, LoadedModel, load_model
 from common.protocol import GenerateRequest, TokenChunk, decode_reply, encode
 from common.subjects import GENERATE_EDGE, SERVER_GENERATE
-from common.transport.service import Service, run_service, start_http
+from common.transport.service import start_http
 from services.edge_drafter.service import EdgeConfig, EdgeDrafterService
 from services.metrics.service import MetricsConfig, MetricsService
 from tests.integration.test_scheduler_service import (
@@ -39,6 +38,7 @@ from tests.integration.test_scheduler_service import (
     fake_verifiers,
     limits,
     open_session,
+    running,
     running_scheduler,
     save_tiny_target,
     until,
@@ -64,24 +64,11 @@ async def metrics(nc: NatsClient) -> AsyncIterator[str]:
         await service.stop()
 
 
-@contextlib.asynccontextmanager
-async def running(service: Service, config: BaseConfig) -> AsyncIterator[Service]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_service(service, config, stop))
-    try:
-        await until(lambda: service.ready() or task.done(), timeout=60)
-        if task.done():
-            task.result()
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
 def running_edge(nats_url: str, redis_url: str) -> contextlib.AbstractAsyncContextManager:
     config = EdgeConfig(nats_url=nats_url, redis_url=redis_url, device="cpu", predictor="",
                         follow_predictor=False, drain_timeout_s=3.0, verify_retries=0)
-    return running(EdgeDrafterService(config, model=draft_model()), config)
+    return running(EdgeDrafterService(config, model=draft_model()), config, ready_timeout=60,
+                   stop_timeout=15)
 
 
 async def refusals(base: str, total: int) -> dict[tuple[str, str], float]:

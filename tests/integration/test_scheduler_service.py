@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from common.config import BaseConfig
 from common.errors import ErrorCode, WispError
 from common.protocol import (
     AdmissionEvent,
@@ -62,7 +63,7 @@ from common.subjects import (
     verifier_batch,
     verifier_done,
 )
-from common.transport.service import run_service
+from common.transport.service import Service, run_service
 from services.admission_scheduler.batching import FCFSPolicy, Selection
 from services.admission_scheduler.service import SchedulerConfig, SchedulerService
 
@@ -156,21 +157,27 @@ class FakeVerifier:
 
 
 @contextlib.asynccontextmanager
-async def running_scheduler(nats_url: str, redis_url: str,
-                            **overrides) -> AsyncIterator[SchedulerService]:
-    config = SchedulerConfig(nats_url=nats_url, redis_url=redis_url,
-                             **{"target_model": "", "drain_timeout_s": 3.0, **overrides})
-    service = SchedulerService(config)
+async def running(service: Service, config: BaseConfig, *, ready_timeout: float = TIMEOUT_S,
+                  stop_timeout: float = 10) -> AsyncIterator[Service]:
+    """`service` run as its process would (run_service) until the block ends; a start that
+    fails raises here."""
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(service, config, stop))
     try:
-        await until(lambda: service.ready() or task.done())
+        await until(lambda: service.ready() or task.done(), timeout=ready_timeout)
         if task.done():
             task.result()
         yield service
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, stop_timeout)
+
+
+def running_scheduler(nats_url: str, redis_url: str,
+                      **overrides) -> contextlib.AbstractAsyncContextManager[SchedulerService]:
+    config = SchedulerConfig(nats_url=nats_url, redis_url=redis_url,
+                             **{"target_model": "", "drain_timeout_s": 3.0, **overrides})
+    return running(SchedulerService(config), config)
 
 
 @contextlib.asynccontextmanager
