@@ -112,7 +112,7 @@ def _probe(url: str, mode: str, job: Job, load: float, *, repeats: int,
     specs = rescale(job.specs, rate_scale=load)
     if probe_s is not None:
         specs = window(specs, probe_s, min_requests=min_requests)
-    offered = offered_rps(specs)
+    offered = offered_rps(specs, probe_s)
     attainments, goodputs = [], []
     mine: list[Any] = []
     devices: dict[str, str] = {}

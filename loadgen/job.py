@@ -89,8 +89,16 @@ def prepare(args: Any) -> Job:
                Path(fleets_file) if fleets_file else None)
 
 
-def offered_rps(specs: list[RequestSpec]) -> float | None:
-    """Requests per second the workload offers (None for one request or a single instant)."""
+def offered_rps(specs: list[RequestSpec], window_s: float | None = None) -> float | None:
+    """Requests per second the workload offers (None for one request or a single instant).
+
+    With `window_s` (a probe of `loadgen.workload.window`): its requests over the window, or
+    over their arrival span where the floor of requests stretched it; not over the span alone,
+    which for a window that caught one burst of a trace reads as a rate the probe never kept
+    up for its S seconds."""
+    if window_s is not None:
+        span = specs[-1].arrival_s - specs[0].arrival_s if specs else 0.0
+        return len(specs) / max(window_s, span) if specs else None
     if len(specs) < 2 or specs[-1].arrival_s <= 0:
         return None
     return (len(specs) - 1) / specs[-1].arrival_s

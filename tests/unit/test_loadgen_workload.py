@@ -337,3 +337,19 @@ def test_a_probe_window_keeps_its_length_at_every_load() -> None:
     assert len(window(specs[:3], 10.0, min_requests=5)) == 3  # all there are
     with pytest.raises(ValueError):
         window(specs, 0.0)
+
+
+def test_a_windowed_probe_offers_its_requests_over_the_window_not_over_a_burst() -> None:
+    from loadgen.job import offered_rps
+    from loadgen.workload import RequestSpec, window
+
+    # 30 requests in the first 3 s, then one every 10 s: a 15 s window catches the burst.
+    arrivals = [i * 0.1 for i in range(30)] + [3.0 + 10.0 * i for i in range(1, 20)]
+    specs = [RequestSpec(index=i, arrival_s=a, prompt_tokens=8, output_tokens=4)
+             for i, a in enumerate(arrivals)]
+    probe = window(specs, 15.0)
+    assert len(probe) == 31
+    assert offered_rps(probe) == pytest.approx(30 / 13.0)  # over the arrival span
+    assert offered_rps(probe, 15.0) == pytest.approx(31 / 15.0)  # over the window
+    floor = window(specs, 15.0, min_requests=40)  # the floor stretches it past 15 s
+    assert offered_rps(floor, 15.0) == pytest.approx(40 / floor[-1].arrival_s)
